@@ -1,0 +1,302 @@
+"""Typed run configuration: YAML files plus ``key.sub=value`` overrides, validated before any work.
+
+Every section is a keyword-only dataclass validated in ``__post_init__`` (single-field checks).
+Checks that need the model's shape and the world size (heads divisible by TP, experts by EP, ...)
+live in :func:`validate_layout`, which reads only the HF ``config.json``: it runs before any model
+is built or any process group is created.
+
+Errors are :class:`ConfigError` (a ``ValueError``) naming the field, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+__all__ = [
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "ModelConfig",
+    "OptimizerConfig",
+    "ParallelConfig",
+    "RunConfig",
+    "apply_overrides",
+    "from_dict",
+    "load_config",
+    "read_hf_config",
+    "to_dict",
+]
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake: the message names field, value and fix."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Which model to build and how.
+
+    ``hf_path`` is a Hugging Face checkpoint directory (or its ``config.json``); the architecture
+    (Qwen2 / Qwen2.5, Qwen3, Qwen3-MoE) is read from it. ``transformer_impl="auto"`` uses Transformer
+    Engine layers when TE imports, megatron-core's local layers otherwise.
+    """
+
+    hf_path: str = ""
+    params_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    moe_aux_loss_coeff: float = 0.0  # RL default: no load-balancing loss
+    moe_router_dtype: Literal["fp32", "fp64"] = "fp32"
+    moe_token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    moe_grouped_gemm: bool = False
+    fp8: Literal["", "e4m3", "hybrid"] = ""  # "" = off
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise"] = "delayed"
+    fp8_param: bool = False
+    recompute: Literal["", "full", "selective"] = ""
+    offload_reference: bool = False  # keep the frozen reference model in host memory between uses
+
+    def __post_init__(self) -> None:
+        _require(
+            self.moe_aux_loss_coeff >= 0.0,
+            f"model.moe_aux_loss_coeff={self.moe_aux_loss_coeff} is negative; use 0 (off, the RL default) "
+            "or a small positive value such as 1e-3.",
+        )
+        _require(
+            not self.fp8_param or bool(self.fp8),
+            "model.fp8_param=true needs model.fp8 set to 'e4m3' or 'hybrid'; set model.fp8 or drop fp8_param.",
+        )
+        _require(
+            not self.fp8 or self.params_dtype == "bf16",
+            f"model.fp8={self.fp8!r} needs model.params_dtype=bf16 (got {self.params_dtype!r}); "
+            "set model.params_dtype=bf16.",
+        )
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """Tensor (tp), pipeline (pp), expert (ep), expert-tensor (etp) and context (cp) parallel sizes.
+
+    Data parallelism is what is left: ``world_size / (tp * pp * cp)``.
+    """
+
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int = 0  # expert tensor parallel size; 0 = same as tp (megatron's default)
+    cp: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = True
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.etp, int) and self.etp >= 0,
+            f"parallel.etp={self.etp!r} must be a positive integer, or 0 for 'same as tp'.",
+        )
+        if self.etp == 0:
+            self.etp = self.tp
+        for name in ("tp", "pp", "ep", "etp", "cp"):
+            value = getattr(self, name)
+            _require(
+                isinstance(value, int) and value >= 1,
+                f"parallel.{name}={value!r} must be a positive integer; use 1 to disable it.",
+            )
+        _require(
+            not self.sequence_parallel or self.tp > 1,
+            "parallel.sequence_parallel=true needs parallel.tp > 1 (it splits the sequence over TP ranks); "
+            "set parallel.sequence_parallel=false or raise parallel.tp.",
+        )
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    """Adam with decoupled weight decay, linear warm-up and a cosine or constant schedule."""
+
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, f"optimizer.lr={self.lr} must be > 0 (e.g. 1e-6 for RL fine-tuning).")
+        _require(
+            0 <= self.min_lr <= self.lr,
+            f"optimizer.min_lr={self.min_lr} must lie in [0, optimizer.lr={self.lr}].",
+        )
+        _require(self.weight_decay >= 0, f"optimizer.weight_decay={self.weight_decay} must be >= 0.")
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            _require(0 <= value < 1, f"optimizer.{name}={value} must lie in [0, 1), e.g. 0.9 / 0.999.")
+        _require(self.adam_eps > 0, f"optimizer.adam_eps={self.adam_eps} must be > 0, e.g. 1e-8.")
+        _require(self.clip_grad >= 0, f"optimizer.clip_grad={self.clip_grad} must be >= 0 (0 disables it).")
+        _require(self.warmup_steps >= 0, f"optimizer.warmup_steps={self.warmup_steps} must be >= 0.")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Where and how often to save; ``resume="auto"`` continues from the newest complete checkpoint."""
+
+    save_interval: int = 0  # steps; 0 = only at the end
+    resume: Literal["", "auto"] = ""
+    load: str = ""  # an explicit checkpoint folder to start from
+    keep_last: int = 2
+
+    def __post_init__(self) -> None:
+        _require(self.save_interval >= 0, f"checkpoint.save_interval={self.save_interval} must be >= 0.")
+        _require(self.keep_last >= 1, f"checkpoint.keep_last={self.keep_last} must be >= 1.")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Run-level settings: seed, output folder, step count, micro-batching."""
+
+    run_dir: str = "runs/default"
+    seed: int = 1234
+    steps: int = 10
+    seq_length: int = 128
+    micro_batch_size: int = 4
+    global_batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, f"run.steps={self.steps} must be >= 1.")
+        _require(self.seq_length >= 2, f"run.seq_length={self.seq_length} must be >= 2.")
+        _require(self.micro_batch_size >= 1, f"run.micro_batch_size={self.micro_batch_size} must be >= 1.")
+        _require(
+            self.global_batch_size >= self.micro_batch_size,
+            f"run.global_batch_size={self.global_batch_size} must be >= run.micro_batch_size="
+            f"{self.micro_batch_size}.",
+        )
+
+
+@dataclass(kw_only=True)
+class Config:
+    """The whole run: one section per component."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def read_hf_config(hf_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Parse ``config.json`` from an HF checkpoint directory (or the file itself)."""
+    path = Path(hf_path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ConfigError(
+            f"model.hf_path={str(hf_path)!r}: no config.json found there; point it at a Hugging Face "
+            "checkpoint directory (one containing config.json)."
+        )
+    with open(path, encoding="utf-8") as f:
+        return dict(json.load(f))
+
+
+# --------------------------------------------------------------------------------------------
+# dict / YAML <-> dataclasses
+# --------------------------------------------------------------------------------------------
+T = TypeVar("T")
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        _require(value in choices, f"{where}={value!r} is not one of {list(choices)}.")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if hint is bool:
+        _require(isinstance(value, bool), f"{where}={value!r} must be true or false.")
+        return value
+    if hint is int:
+        _require(
+            isinstance(value, int) and not isinstance(value, bool), f"{where}={value!r} must be an integer."
+        )
+        return value
+    if hint is float:
+        _require(
+            isinstance(value, (int, float)) and not isinstance(value, bool), f"{where}={value!r} must be a number."
+        )
+        return float(value)
+    if hint is str:
+        _require(isinstance(value, (str, int, float)), f"{where}={value!r} must be a string.")
+        return str(value)
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        _require(isinstance(value, dict), f"{where} must be a mapping of fields, got {value!r}.")
+        return from_dict(hint, value, prefix=where + ".")
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], *, prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a (nested) dict, rejecting unknown keys with a suggestion."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, sorted(fields), n=1)
+            hint = f" Did you mean {prefix}{close[0]}?" if close else f" Valid keys: {sorted(fields)}."
+            raise ConfigError(f"unknown config key {prefix}{key!r}.{hint}")
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides (values parsed as YAML scalars) to a nested dict, in order."""
+    result = json.loads(json.dumps(data))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value (e.g. optimizer.lr=1e-5).")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = result
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section.")
+        node[parts[-1]] = value
+    return result
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None = None, cls: type[T] = Config) -> T:  # type: ignore[assignment]
+    """Read YAML ``path`` (or start from defaults), apply overrides, and validate every field."""
+    data: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file.")
+        with open(p, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping at top level.")
+        data = loaded
+    data = apply_overrides(data, overrides or [])
+    return from_dict(cls, data)

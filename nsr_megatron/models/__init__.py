@@ -1,0 +1,1 @@
+"""Megatron-Core models built from Hugging Face configs (the project's megatron boundary)."""

@@ -1,0 +1,191 @@
+"""Policy and reference models from one provider: layer specs, GPTModel, DDP and the optimizer.
+
+Legend: B batch, S sequence, V vocabulary (V/tp per tensor-parallel rank).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from nsr_megatron.config import ModelConfig, OptimizerConfig, ParallelConfig
+from nsr_megatron.models.hf_config import ArchSpec, transformer_config
+from nsr_megatron.models.norm import RMSNorm
+
+__all__ = ["ModelBundle", "build_model", "layer_specs", "use_transformer_engine"]
+
+
+def use_transformer_engine(model: ModelConfig) -> bool:
+    """TE layers when asked for, or on ``auto`` when TE imports and CUDA is present."""
+    if model.transformer_impl == "local":
+        return False
+    have = importlib.util.find_spec("transformer_engine") is not None and torch.cuda.is_available()
+    if model.transformer_impl == "transformer_engine" and not have:
+        raise RuntimeError(
+            "model.transformer_impl='transformer_engine' but Transformer Engine (with CUDA) is not available; "
+            "install the 'gpu' extra on a CUDA machine or set model.transformer_impl=auto."
+        )
+    return have
+
+
+def _local_layer_spec(arch: ArchSpec, moe: bool) -> Any:
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    spec = get_gpt_layer_local_spec(
+        num_experts=arch.num_experts if moe else None,
+        moe_grouped_gemm=False,
+        qk_layernorm=arch.qk_norm,
+        normalization="RMSNorm",
+    )
+    # WrappedTorchNorm refuses sequence parallelism; swap in our RMSNorm (same maths as HF's).
+    sub = spec.submodules
+    sub.input_layernorm = RMSNorm
+    sub.pre_mlp_layernorm = RMSNorm
+    attn = sub.self_attention.submodules
+    if arch.qk_norm:
+        attn.q_layernorm = RMSNorm
+        attn.k_layernorm = RMSNorm
+    return spec
+
+
+def _te_layer_spec(arch: ArchSpec, moe: bool, model: ModelConfig) -> Any:
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    return get_gpt_layer_with_transformer_engine_spec(
+        num_experts=arch.num_experts if moe else None,
+        moe_grouped_gemm=model.moe_grouped_gemm,
+        qk_layernorm=arch.qk_norm,
+    )
+
+
+def layer_specs(arch: ArchSpec, model: ModelConfig, config: Any) -> Any:
+    """A ``TransformerBlockSubmodules`` with one spec per layer of this pipeline stage
+    (dense and MoE layers may mix)."""
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    te = use_transformer_engine(model)
+    per_layer = []
+    for i in range(arch.num_layers):
+        moe = arch.is_moe and arch.moe_layers[i]
+        per_layer.append(_te_layer_spec(arch, moe, model) if te else _local_layer_spec(arch, moe))
+    offset = get_transformer_layer_offset(config)
+    per_layer = per_layer[offset : offset + get_num_layers_to_build(config)]
+    if te:
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        final_norm: Any = TENorm
+    else:
+        final_norm = RMSNorm
+    return TransformerBlockSubmodules(layer_specs=per_layer, layer_norm=final_norm)
+
+
+@dataclass(kw_only=True)
+class ModelBundle:
+    """A built model: ``module`` is what you call; ``optimizer`` is set for the policy only."""
+
+    role: Literal["policy", "reference"]
+    arch: ArchSpec
+    config: Any  # TransformerConfig
+    module: torch.nn.Module  # DDP-wrapped GPTModel (policy) or bare GPTModel (reference)
+    optimizer: Any = None  # megatron MegatronOptimizer
+    offloaded: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def gpt(self) -> torch.nn.Module:
+        """The bare GPTModel (unwrapped from DDP)."""
+        m = self.module
+        while hasattr(m, "module"):
+            m = m.module
+        return m
+
+    def offload(self) -> None:
+        """Move the (frozen) reference weights to host memory between uses."""
+        if self.role != "reference" or self.offloaded or not torch.cuda.is_available():
+            return
+        self.module.to("cpu", non_blocking=True)
+        self.offloaded = True
+
+    def onload(self) -> None:
+        if self.offloaded:
+            self.module.to(torch.device("cuda", torch.cuda.current_device()), non_blocking=True)
+            self.offloaded = False
+
+
+def build_model(
+    arch: ArchSpec,
+    *,
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    role: Literal["policy", "reference"] = "policy",
+    optimizer: OptimizerConfig | None = None,
+) -> ModelBundle:
+    """Build the policy (trainable, megatron DDP + distributed optimizer) or the reference (frozen).
+
+    Needs :func:`nsr_megatron.parallel.initialize` first. Both roles share one architecture and
+    one layer spec, so a checkpoint of either loads into the other.
+    """
+    from megatron.core import parallel_state as mpu
+    from megatron.core.models.gpt import GPTModel
+
+    config = transformer_config(arch, model, parallel)
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_specs(arch, model, config),
+        vocab_size=arch.vocab_size,
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=mpu.is_pipeline_first_stage(),
+        post_process=mpu.is_pipeline_last_stage(),
+        parallel_output=True,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(arch.rope_theta),
+    )
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    if device is not None:
+        gpt.to(device)
+    if role == "reference":
+        gpt.eval()
+        for p in gpt.parameters():
+            p.requires_grad_(False)
+        bundle = ModelBundle(role=role, arch=arch, config=config, module=gpt)
+        if model.offload_reference:
+            bundle.offload()
+        return bundle
+
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
+    from megatron.core.optimizer import get_megatron_optimizer
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=parallel.use_distributed_optimizer,
+    )
+    ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=gpt)
+    opt = optimizer or OptimizerConfig()
+    mcore_opt_config = McoreOptimizerConfig(
+        optimizer="adam",
+        lr=opt.lr,
+        min_lr=opt.min_lr,
+        weight_decay=opt.weight_decay,
+        adam_beta1=opt.adam_beta1,
+        adam_beta2=opt.adam_beta2,
+        adam_eps=opt.adam_eps,
+        clip_grad=opt.clip_grad,
+        bf16=config.bf16,
+        fp16=config.fp16,
+        params_dtype=config.params_dtype,
+        use_distributed_optimizer=parallel.use_distributed_optimizer,
+    )
+    megatron_opt = get_megatron_optimizer(
+        mcore_opt_config, [ddp], use_gloo_process_groups=torch.cuda.is_available()
+    )
+    return ModelBundle(role=role, arch=arch, config=config, module=ddp, optimizer=megatron_opt)

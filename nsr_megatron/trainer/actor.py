@@ -1,0 +1,133 @@
+"""The trainer's megatron boundary: forward / backward through megatron-core's pipeline schedule,
+the optimizer step, and vocabulary gathering.
+
+Legend: B micro-batch size, S sequence length, V vocabulary (V/tp on each tensor-parallel rank).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+
+from nsr_megatron.models.provider import ModelBundle
+
+__all__ = ["MicroBatch", "forward_backward", "forward_logits", "gather_vocab", "optimizer_step"]
+
+# A micro-batch: {"tokens": [B, S] int64, "position_ids": [B, S] int64 (optional), ...any extras}.
+MicroBatch = dict[str, torch.Tensor]
+# loss_fn(logits [B, S, V/tp], micro_batch) -> (loss scalar, {name: detached scalar tensor})
+LossFn = Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _wire_config(bundle: ModelBundle) -> None:
+    """Hook megatron's schedule to this model's DDP and optimizer (idempotent)."""
+    from megatron.core.distributed import finalize_model_grads
+
+    cfg = bundle.config
+    if bundle.role == "policy":
+        cfg.finalize_model_grads_func = finalize_model_grads
+        cfg.no_sync_func = bundle.module.no_sync
+        cfg.grad_scale_func = bundle.optimizer.scale_loss
+    else:
+        cfg.finalize_model_grads_func = None
+        cfg.no_sync_func = None
+        cfg.grad_scale_func = None
+
+
+def forward_backward(
+    bundle: ModelBundle,
+    micro_batches: list[MicroBatch],
+    loss_fn: LossFn,
+    *,
+    forward_only: bool = False,
+) -> list[dict[str, torch.Tensor]]:
+    """Run every micro-batch through megatron-core's ``forward_backward_func`` (any PP size).
+
+    Returns the metrics dicts that ``loss_fn`` produced, on the last pipeline stage (empty elsewhere).
+    The schedule divides each micro-batch loss by ``len(micro_batches)`` and megatron DDP averages
+    gradients over data-parallel ranks; callers that normalise by global denominators scale back.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if not micro_batches:
+        raise ValueError("forward_backward needs at least one micro-batch")
+    _wire_config(bundle)
+    device = _device()
+    seq_len = int(micro_batches[0]["tokens"].shape[1])
+    mbs = int(micro_batches[0]["tokens"].shape[0])
+
+    def forward_step(data_iterator: Iterable[MicroBatch], model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
+        batch = {k: v.to(device) for k, v in next(data_iterator).items()}  # type: ignore[call-overload]
+        tokens = batch["tokens"]  # [B, S]
+        position_ids = batch.get("position_ids")
+        if position_ids is None:
+            position_ids = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
+        output = model(tokens, position_ids, None)  # [B, S, V/tp] on the last stage
+
+        def loss_func(output_tensor: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            return loss_fn(output_tensor, batch)
+
+        return output, loss_func
+
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(micro_batches),
+        model=[bundle.module],
+        num_microbatches=len(micro_batches),
+        seq_length=seq_len,
+        micro_batch_size=mbs,
+        forward_only=forward_only,
+    )
+
+
+def optimizer_step(bundle: ModelBundle, *, lr: float | None = None) -> dict[str, float]:
+    """Apply the accumulated gradients; returns ``grad_norm`` and whether the update happened."""
+    opt = bundle.optimizer
+    if lr is not None:
+        for group in opt.param_groups:
+            group["lr"] = lr
+    ok, grad_norm, _ = opt.step()
+    return {"grad_norm": float(grad_norm) if grad_norm is not None else 0.0, "update_ok": float(bool(ok))}
+
+
+def zero_grads(bundle: ModelBundle) -> None:
+    bundle.module.zero_grad_buffer()
+    bundle.optimizer.zero_grad()
+
+
+def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
+    """[..., V/tp] vocabulary shards of every TP rank -> [..., V] (no autograd)."""
+    from megatron.core import parallel_state as mpu
+
+    tp = mpu.get_tensor_model_parallel_world_size()
+    if tp == 1:
+        return logits
+    parts = [torch.empty_like(logits) for _ in range(tp)]
+    dist.all_gather(parts, logits.contiguous(), group=mpu.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=-1)
+
+
+@torch.no_grad()
+def forward_logits(bundle: ModelBundle, micro_batches: list[MicroBatch]) -> list[torch.Tensor] | None:
+    """Full-vocabulary logits [B, S, V] (fp32) per micro-batch on the last pipeline stage, else None."""
+    from megatron.core import parallel_state as mpu
+
+    captured: list[torch.Tensor] = []
+
+    def capture(logits: torch.Tensor, batch: MicroBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        captured.append(gather_vocab(logits.float()))
+        return logits.sum() * 0.0, {}
+
+    was_training = bundle.module.training
+    bundle.module.eval()
+    try:
+        forward_backward(bundle, micro_batches, capture, forward_only=True)
+    finally:
+        bundle.module.train(was_training)
+    return captured if mpu.is_pipeline_last_stage() else None
