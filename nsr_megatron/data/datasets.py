@@ -1,0 +1,372 @@
+"""Prompt datasets for RLVR: JSONL / Parquet records -> (prompt text, ground-truth answer), plus a resumable sampler.
+
+Supported record shapes (the common RLVR math sets: GSM8K/MATH exports, DAPO-Math-17k, verl/slime parquet):
+
+* ``prompt`` as a plain string, or as a list of chat messages ``[{"role": "user", "content": "..."}, ...]``;
+* the answer as a plain field (``"answer": "42"``, numbers are converted with ``str``) or nested, addressed by a
+  dotted key path (``answer_key="reward_model.ground_truth"``).
+
+A string prompt becomes one user message (after an optional system message). Messages are rendered with the
+tokenizer's chat template (``apply_chat_template(..., add_generation_prompt=True)``) when the tokenizer has one, and
+otherwise joined as plain text. A malformed record raises ``ValueError`` naming the file, the 1-based line (JSONL) or
+row (Parquet) and the reason, or, with ``skip_invalid=True``, is skipped and counted.
+
+``EpochSampler`` shuffles per epoch with a permutation that is a pure function of ``(seed, epoch)``; its whole state
+is ``(epoch, position, seed)``, so a resumed run sees exactly the order the interrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+FORMATS: tuple[str, ...] = ("auto", "jsonl", "parquet")
+_SUFFIX_FORMATS: dict[str, str] = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where the prompts live and how to read them.
+
+    Attributes:
+        path: a ``.jsonl`` / ``.parquet`` file (required before loading; empty only as a config default).
+        format: ``auto`` (from the suffix: .jsonl/.ndjson or .parquet/.pq), ``jsonl`` or ``parquet``.
+        prompt_key: dotted key path of the prompt (string or list of ``{"role", "content"}`` messages).
+        answer_key: dotted key path of the ground truth, e.g. ``answer`` or ``reward_model.ground_truth``.
+        skip_invalid: skip (and count) malformed records instead of raising.
+        apply_chat_template: render messages with the tokenizer's chat template when it has one.
+        system_prompt: optional system message put before prompts that have none.
+        max_samples: keep only the first N valid records (None: all).
+        shuffle: shuffle each epoch (``EpochSampler``).
+        seed: shuffling seed.
+    """
+
+    path: str = ""
+    format: Literal["auto", "jsonl", "parquet"] = "auto"
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    skip_invalid: bool = False
+    apply_chat_template: bool = True
+    system_prompt: str | None = None
+    max_samples: int | None = None
+    shuffle: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"DataConfig.format={self.format!r} is not one of {FORMATS}.")
+        if self.path:
+            self.resolved_format  # noqa: B018 - raises if the format cannot be inferred from the suffix
+        for name in ("prompt_key", "answer_key"):
+            key = getattr(self, name)
+            if not key or any(not part for part in key.split(".")):
+                raise ValueError(f"DataConfig.{name}={key!r} is not a key path: use e.g. 'prompt' or 'a.b'.")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError(f"DataConfig.max_samples={self.max_samples} must be >= 1 (or None for all).")
+
+    @property
+    def resolved_format(self) -> str:
+        """``jsonl`` or ``parquet``."""
+        if self.format != "auto":
+            return self.format
+        suffix = Path(self.path).suffix.lower()
+        if suffix not in _SUFFIX_FORMATS:
+            raise ValueError(f"DataConfig.path={self.path!r}: cannot infer the format from the suffix "
+                             f"(known: {sorted(_SUFFIX_FORMATS)}); set format='jsonl' or format='parquet'.")
+        return _SUFFIX_FORMATS[suffix]
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """One usable prompt: ``uid`` is its 0-based index in the dataset, ``source_line`` its 1-based line/row."""
+
+    uid: int
+    prompt: str
+    messages: list[dict[str, str]]
+    answer: str
+    source_line: int
+
+
+class RecordError(ValueError):
+    """A record could not be used (the message holds the reason; the caller adds file and line)."""
+
+
+def get_key_path(record: Mapping[str, Any], key_path: str) -> Any:
+    """Look up ``a.b.c`` in nested mappings (a literal key containing dots wins if present).
+
+    Raises:
+        RecordError: naming the missing component and the keys that exist at that level.
+    """
+    if key_path in record:
+        return record[key_path]
+    node: Any = record
+    walked: list[str] = []
+    for part in key_path.split("."):
+        if not isinstance(node, Mapping):
+            raise RecordError(f"field {'.'.join(walked)!r} is a {type(node).__name__}, not an object")
+        if part not in node:
+            where = f" in {'.'.join(walked)!r}" if walked else ""
+            raise RecordError(f"missing field {key_path!r} (no key {part!r}{where}; keys: {sorted(node)})")
+        node = node[part]
+        walked.append(part)
+    return node
+
+
+def to_messages(prompt: Any, system_prompt: str | None = None) -> list[dict[str, str]]:
+    """Normalise a prompt (string or list of chat messages) to a list of ``{"role", "content"}`` dicts."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise RecordError("prompt is an empty string")
+        messages = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, list):
+        if not prompt:
+            raise RecordError("prompt is an empty list of messages")
+        messages = []
+        for i, message in enumerate(prompt):
+            if not isinstance(message, Mapping):
+                raise RecordError(f"prompt message {i} is a {type(message).__name__}, not a {{role, content}} object")
+            role, content = message.get("role"), message.get("content")
+            if not isinstance(role, str) or not isinstance(content, str):
+                raise RecordError(
+                    f"prompt message {i} needs string 'role' and 'content' "
+                    f"(got role={type(role).__name__}, content={type(content).__name__})"
+                )
+            messages.append({"role": role, "content": content})
+    else:
+        raise RecordError(f"prompt is a {type(prompt).__name__}; expected a string or a list of chat messages")
+    if system_prompt is not None and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+def to_answer(value: Any) -> str:
+    """Ground truth as a string: strings as-is, ints/floats through ``str``; anything else is an error."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise RecordError(f"answer is a {type(value).__name__} ({value!r:.60}); expected a string or a number")
+
+
+def render_prompt(
+    messages: list[dict[str, str]],
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    apply_chat_template: bool = True,
+) -> str:
+    """Messages -> prompt text.
+
+    With a tokenizer that has a chat template (and ``apply_chat_template``): the template with the generation prompt.
+    Otherwise a plain join: a lone user message is its content; several are ``role: content`` lines followed by
+    ``assistant:``.
+    """
+    if apply_chat_template and tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert isinstance(text, str), f"apply_chat_template(tokenize=False) returned {type(text).__name__}"
+        return text
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+    """Yield ``(line_number, record, error)``; blank lines are not records."""
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield line_no, None, f"not UTF-8 ({exc.reason} at byte {exc.start})"
+                continue
+            if not text.strip():
+                continue
+            try:
+                yield line_no, json.loads(text), None
+            except json.JSONDecodeError as exc:
+                yield line_no, None, f"invalid JSON ({exc.msg}: column {exc.colno})"
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+    """Yield ``(row_number, record, None)`` for each Parquet row (1-based)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow (or convert it to JSONL)") from exc
+    row = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+        for record in batch.to_pylist():
+            row += 1
+            yield row, record, None
+
+
+class PromptDataset:
+    """Prompts + ground truths loaded eagerly from one file.
+
+    Attributes:
+        records: the valid records in file order.
+        skipped: ``(line, reason)`` of each skipped record (only with ``skip_invalid=True``).
+    """
+
+    def __init__(self, config: DataConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+        self.config = config
+        if not config.path:
+            raise ValueError("DataConfig.path is empty: set it to a .jsonl or .parquet file of prompts.")
+        path = Path(config.path)
+        if not path.is_file():
+            raise FileNotFoundError(f"DataConfig.path={config.path!r} does not exist or is not a file.")
+        fmt = config.resolved_format
+        unit = "line" if fmt == "jsonl" else "row"
+        rows = _iter_jsonl(path) if fmt == "jsonl" else _iter_parquet(path)
+        if config.apply_chat_template and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+            logger.warning("apply_chat_template=True is ignored: the tokenizer has no chat template; "
+                           "prompts are joined as plain text.")
+        self.records: list[PromptRecord] = []
+        self.skipped: list[tuple[int, str]] = []
+        self._own_system = 0  # prompts that bring their own system message (system_prompt not applied)
+        for line_no, raw, error in rows:
+            if config.max_samples is not None and len(self.records) >= config.max_samples:
+                break
+            try:
+                if error is not None:
+                    raise RecordError(error)
+                self.records.append(self._parse(raw, line_no, tokenizer))
+            except RecordError as exc:
+                if not config.skip_invalid:
+                    raise ValueError(
+                        f"{path}, {unit} {line_no}: {exc} "
+                        f"(fix the record, check prompt_key/answer_key, or set skip_invalid=True)"
+                    ) from None
+                self.skipped.append((line_no, str(exc)))
+        if self.skipped:
+            logger.warning("%s: skipped %d invalid %ss (first: %s %d: %s)", path, len(self.skipped), unit,
+                           unit, self.skipped[0][0], self.skipped[0][1])
+        if self._own_system:
+            logger.warning("%s: system_prompt is ignored for %d prompts that have their own system message.",
+                           path, self._own_system)
+        if not self.records:
+            raise ValueError(f"{path}: no usable records ({len(self.skipped)} skipped); "
+                             f"check prompt_key={config.prompt_key!r} and answer_key={config.answer_key!r}.")
+
+    def _parse(self, raw: Any, line_no: int, tokenizer: PreTrainedTokenizerBase | None) -> PromptRecord:
+        if not isinstance(raw, Mapping):
+            raise RecordError(f"expected a JSON object, got a {type(raw).__name__}")
+        raw_prompt = get_key_path(raw, self.config.prompt_key)
+        messages = to_messages(raw_prompt, self.config.system_prompt)
+        answer = to_answer(get_key_path(raw, self.config.answer_key))
+        try:
+            prompt = render_prompt(messages, tokenizer, self.config.apply_chat_template)
+        except Exception as exc:  # a template may reject a message order: that is a record problem
+            raise RecordError(f"chat template failed: {type(exc).__name__}: {exc}") from exc
+        if self.config.system_prompt is not None and isinstance(raw_prompt, list) \
+                and raw_prompt[0]["role"] == "system":
+            self._own_system += 1
+        return PromptRecord(uid=len(self.records), prompt=prompt, messages=messages, answer=answer,
+                            source_line=line_no)
+
+    @property
+    def num_skipped(self) -> int:
+        """How many malformed records were skipped."""
+        return len(self.skipped)
+
+    @property
+    def skipped_lines(self) -> list[int]:
+        """1-based line (JSONL) or row (Parquet) numbers of the skipped records."""
+        return [line for line, _ in self.skipped]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> PromptRecord:
+        return self.records[index]
+
+
+@dataclass
+class EpochSampler:
+    """Deterministic, resumable epoch shuffling of ``num_items`` indices into batches of ``batch_size``.
+
+    Epoch ``e`` uses the permutation ``random.Random(f"nsr-megatron:{seed}:{e}")`` (identity when ``shuffle`` is
+    off), which depends on nothing else, so ``(epoch, position, seed)`` is the whole state. A batch never spans two
+    epochs: the last ``num_items % batch_size`` items of each epoch's order are dropped (they come first in some
+    later epoch's order with high probability). With a fixed batch size, ``batch_at(step)`` equals the ``step``-th
+    ``next_batch()`` of a fresh sampler.
+    """
+
+    num_items: int
+    batch_size: int
+    seed: int = 0
+    shuffle: bool = True
+    epoch: int = 0
+    position: int = 0
+    _cache: dict[int, list[int]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.num_items < 1:
+            raise ValueError(f"EpochSampler.num_items={self.num_items}: the dataset is empty.")
+        if not 1 <= self.batch_size <= self.num_items:
+            raise ValueError(
+                f"EpochSampler.batch_size={self.batch_size} must be in [1, num_items={self.num_items}]: "
+                f"use fewer prompts per step or a larger dataset."
+            )
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.num_items // self.batch_size
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The permutation of ``range(num_items)`` used in ``epoch`` (a pure function of seed and epoch)."""
+        if epoch not in self._cache:
+            order = list(range(self.num_items))
+            if self.shuffle:
+                random.Random(f"nsr-megatron:{self.seed}:{epoch}").shuffle(order)
+            self._cache = {epoch: order}  # keep one epoch: the sampler walks forward
+        return self._cache[epoch]
+
+    def batch_at(self, step: int) -> list[int]:
+        """Indices of the ``step``-th batch (0-based) counted from epoch 0, position 0."""
+        if step < 0:
+            raise ValueError(f"batch_at(step={step}): step must be >= 0.")
+        epoch, index = divmod(step, self.batches_per_epoch)
+        start = index * self.batch_size
+        return self.epoch_order(epoch)[start:start + self.batch_size]
+
+    def next_batch(self) -> list[int]:
+        """The next batch of indices; advances ``(epoch, position)``."""
+        if self.position + self.batch_size > self.num_items:
+            self.epoch, self.position = self.epoch + 1, 0
+        batch = self.epoch_order(self.epoch)[self.position:self.position + self.batch_size]
+        self.position += self.batch_size
+        return batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "position", "seed"}``: everything needed to resume the same order."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Restore a ``state_dict()``; the saved seed wins over the constructor's (with a warning if they differ)."""
+        missing = {"epoch", "position", "seed"} - set(state)
+        if missing:
+            raise ValueError(f"EpochSampler state {dict(state)} lacks {sorted(missing)}: pass a state_dict().")
+        epoch, position, seed = int(state["epoch"]), int(state["position"]), int(state["seed"])
+        if epoch < 0 or not 0 <= position <= self.num_items:
+            raise ValueError(
+                f"EpochSampler state epoch={epoch}, position={position} is out of range for num_items="
+                f"{self.num_items}: was the checkpoint made with another dataset?"
+            )
+        if seed != self.seed:
+            logger.warning("EpochSampler: resuming with the checkpoint's seed %d (configured seed %d is ignored).",
+                           seed, self.seed)
+        self.epoch, self.position, self.seed = epoch, position, seed
+        self._cache = {}
