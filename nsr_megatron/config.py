@@ -181,8 +181,7 @@ class RunConfig:
         _require(self.micro_batch_size >= 1, f"run.micro_batch_size={self.micro_batch_size} must be >= 1.")
         _require(
             self.global_batch_size >= self.micro_batch_size,
-            f"run.global_batch_size={self.global_batch_size} must be >= run.micro_batch_size="
-            f"{self.micro_batch_size}.",
+            f"run.global_batch_size={self.global_batch_size} must be >= run.micro_batch_size={self.micro_batch_size}.",
         )
 
 
@@ -232,11 +231,14 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         _require(isinstance(value, bool), f"{where}={value!r} must be true or false.")
         return value
     if hint is int:
-        _require(
-            isinstance(value, int) and not isinstance(value, bool), f"{where}={value!r} must be an integer."
-        )
+        _require(isinstance(value, int) and not isinstance(value, bool), f"{where}={value!r} must be an integer.")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         _require(
             isinstance(value, (int, float)) and not isinstance(value, bool), f"{where}={value!r} must be a number."
         )
@@ -259,7 +261,7 @@ def from_dict(cls: type[T], data: dict[str, Any], *, prefix: str = "") -> T:
         if key not in fields:
             close = difflib.get_close_matches(key, sorted(fields), n=1)
             hint = f" Did you mean {prefix}{close[0]}?" if close else f" Valid keys: {sorted(fields)}."
-            raise ConfigError(f"unknown config key {prefix}{key!r}.{hint}")
+            raise ConfigError(f"unknown config key {prefix + key!r}.{hint}")
         kwargs[key] = _coerce(value, hints[key], prefix + key)
     return cls(**kwargs)
 

@@ -59,9 +59,7 @@ def arch_from_hf(hf: dict[str, Any]) -> ArchSpec:
         )
     rope_scaling = hf.get("rope_scaling")
     if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default"):
-        raise ConfigError(
-            f"rope_scaling={rope_scaling!r} is not supported yet; only plain RoPE (rope_scaling: null)."
-        )
+        raise ConfigError(f"rope_scaling={rope_scaling!r} is not supported yet; only plain RoPE (rope_scaling: null).")
     if hf.get("use_sliding_window") and hf.get("sliding_window"):
         raise ConfigError(
             "use_sliding_window=true is not supported; set use_sliding_window=false in config.json "

@@ -185,7 +185,5 @@ def build_model(
         params_dtype=config.params_dtype,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
     )
-    megatron_opt = get_megatron_optimizer(
-        mcore_opt_config, [ddp], use_gloo_process_groups=torch.cuda.is_available()
-    )
+    megatron_opt = get_megatron_optimizer(mcore_opt_config, [ddp], use_gloo_process_groups=torch.cuda.is_available())
     return ModelBundle(role=role, arch=arch, config=config, module=ddp, optimizer=megatron_opt)

@@ -13,7 +13,8 @@ model: fine for tests and small models; large-model paths stream per tensor inst
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -133,7 +134,7 @@ def canonical_state(
     for key in sorted(shapes):
         full = torch.zeros(shapes[key], dtype=dtype, device=device)
         for sh in pieces.get(key, []):
-            index = tuple(slice(o, o + n) for o, n in zip(sh.global_offset, _padded_shape(sh)))
+            index = tuple(slice(o, o + n) for o, n in zip(sh.global_offset, _padded_shape(sh), strict=True))
             full[index] = sh.data.to(dtype).reshape(_padded_shape(sh))
         if dist.is_initialized():
             dist.all_reduce(full, group=group)

@@ -6,7 +6,8 @@ Legend: B micro-batch size, S sequence length, V vocabulary (V/tp on each tensor
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -71,7 +72,9 @@ def forward_backward(
         output = model(tokens, position_ids, None)  # [B, S, V/tp] on the last stage
 
         def loss_func(output_tensor: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            return loss_fn(output_tensor, batch)
+            loss, metrics = loss_fn(output_tensor, batch)
+            # The schedule divides the loss in place; metrics must not share its storage.
+            return loss, {k: v.detach().clone() for k, v in metrics.items()}
 
         return output, loss_func
 

@@ -1,0 +1,185 @@
+"""``nsr-megatron`` command line.
+
+Subcommands:
+  smoke     build a tiny MoE policy and train it a few steps on random tokens, printing throughput
+  validate  load a config (YAML + key=value overrides) and check it against the model and world size
+
+Every subcommand also runs under ``torchrun`` (any TP / PP / EP the world size allows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from nsr_megatron.config import Config, ConfigError, load_config, read_hf_config
+
+log = logging.getLogger("nsr_megatron")
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _quiet_third_party() -> None:
+    # megatron-core warns once per module that TE / apex are absent; on CPU that is expected.
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+    warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="megatron")
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*all_gather_into_tensor.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*reduce_scatter_tensor.*")
+    warnings.filterwarnings("ignore", message=".*grad attribute of a Tensor that is not a leaf.*")
+
+
+def _prepare(config: Config, scratch: Path) -> tuple[Any, Any]:
+    """Resolve the HF config (a tiny one when none is given) and validate the layout, before any work."""
+    from nsr_megatron.models.hf_config import arch_from_hf, validate_layout
+    from nsr_megatron.models.tiny import write_tiny_hf_config
+
+    if not config.model.hf_path:
+        config.model.hf_path = str(write_tiny_hf_config(scratch / "tiny-moe"))
+    arch = arch_from_hf(read_hf_config(config.model.hf_path))
+    validate_layout(arch, config.model, config.parallel, _world_size())
+    return config, arch
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    with tempfile.TemporaryDirectory() as d:
+        _, arch = _prepare(config, Path(d))
+    print(
+        f"config OK: {arch.model_type}, {arch.num_layers} layers, "
+        f"{arch.num_experts or 'no'} experts; tp={config.parallel.tp} pp={config.parallel.pp} "
+        f"ep={config.parallel.ep} on {_world_size()} process(es)"
+    )
+    return 0
+
+
+def cmd_smoke(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from nsr_megatron import parallel
+    from nsr_megatron.models.provider import build_model
+    from nsr_megatron.trainer import actor
+
+    config = load_config(args.config, args.overrides)
+    with tempfile.TemporaryDirectory() as scratch:
+        config, arch = _prepare(config, Path(scratch))
+        run = config.run
+        init = None if "RANK" in os.environ else f"tcp://127.0.0.1:{_free_port()}"
+        state = parallel.initialize(config.parallel, seed=run.seed, rank=None, world_size=None, init_method=init)
+        try:
+            policy = build_model(arch, model=config.model, parallel=config.parallel, optimizer=config.optimizer)
+            n_params = sum(p.numel() for p in policy.gpt.parameters())
+            if state.rank == 0:
+                print(
+                    f"smoke: {arch.model_type} {n_params / 1e6:.2f}M params/rank on {state.device} "
+                    f"({state.backend}, world {state.world_size}, tp={config.parallel.tp} "
+                    f"pp={config.parallel.pp} ep={config.parallel.ep})",
+                    flush=True,
+                )
+            gen = torch.Generator().manual_seed(run.seed + state.dp_rank)
+            n_micro = max(1, run.global_batch_size // (run.micro_batch_size * state.dp_size))
+
+            def micro_batches() -> list[dict[str, torch.Tensor]]:
+                out = []
+                for _ in range(n_micro):
+                    tokens = torch.randint(
+                        0, arch.vocab_size, (run.micro_batch_size, run.seq_length + 1), generator=gen
+                    )
+                    out.append({"tokens": tokens[:, :-1], "targets": tokens[:, 1:]})
+                return out
+
+            def ce(
+                logits: torch.Tensor, batch: dict[str, torch.Tensor]
+            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+                loss = vocab_parallel_cross_entropy(logits.float(), batch["targets"]).mean()
+                return loss, {"loss": loss.detach()}
+
+            tokens_per_step = n_micro * run.micro_batch_size * run.seq_length * state.dp_size
+            bar = tqdm(range(run.steps), desc="smoke", disable=state.rank != 0 or args.no_progress, file=sys.stdout)
+            timed_tokens, timed_seconds, loss = 0, 0.0, float("nan")
+            for step in bar:
+                batches = micro_batches()
+                t0 = time.perf_counter()
+                actor.zero_grads(policy)
+                metrics = actor.forward_backward(policy, batches, ce)
+                stats = actor.optimizer_step(policy)
+                dt = time.perf_counter() - t0
+                if step > 0:  # the first step includes one-time setup
+                    timed_tokens += tokens_per_step
+                    timed_seconds += dt
+                if metrics:
+                    loss = float(sum(float(m["loss"]) for m in metrics) / len(metrics))
+                bar.set_postfix(
+                    loss=f"{loss:.4f}", grad_norm=f"{stats['grad_norm']:.3f}", tok_s=f"{tokens_per_step / dt:.0f}"
+                )
+            if state.rank == 0:
+                rate = timed_tokens / timed_seconds if timed_seconds else float("nan")
+                print(
+                    f"smoke: {run.steps} steps, final loss {loss:.4f}, "
+                    f"forward+backward+optimizer throughput {rate:.0f} tokens/s",
+                    flush=True,
+                )
+        finally:
+            parallel.destroy()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nsr-megatron", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add_config_args(sp: argparse.ArgumentParser, default: str | None) -> None:
+        sp.add_argument("--config", default=default, help="YAML config file (default: %(default)s)")
+        sp.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. parallel.tp=2 run.steps=5")
+
+    smoke = sub.add_parser("smoke", help="train a tiny MoE a few steps on random tokens, print tokens/s")
+    add_config_args(smoke, str(_examples_dir() / "configs" / "smoke.yaml"))
+    smoke.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    smoke.set_defaults(func=cmd_smoke)
+
+    validate = sub.add_parser("validate", help="validate a config against the model and world size; build nothing")
+    add_config_args(validate, None)
+    validate.set_defaults(func=cmd_validate)
+    return p
+
+
+def _examples_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "examples"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_third_party()
+    args = build_parser().parse_args(argv)
+    if args.config and not Path(args.config).is_file() and args.command == "smoke":
+        args.config = None  # installed without the examples folder: use built-in defaults
+    try:
+        return int(args.func(args))
+    except ConfigError as e:
+        print(f"nsr-megatron: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
