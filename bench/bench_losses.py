@@ -1,0 +1,215 @@
+"""Benchmark the policy losses and the vocab-parallel log-prob op (CPU or GPU; not a test).
+
+    python bench/bench_losses.py                       # defaults below, a few minutes on 2 CPU cores
+    python bench/bench_losses.py --tokens 4194304 --lp-tokens 8192 --device cuda
+
+1. Forward + backward of ``policy_loss`` for dapo, nsr and nsr-decay on ``--tokens`` tokens
+   (rows of ``--seq-len``; log-ratios ~ N(0, 0.1^2), about 2% of tokens clipped, 90% of tokens unmasked).
+   Target: nsr <= 1.10 x dapo in time and memory.
+2. Forward + backward of per-token log-probs from logits [--lp-tokens, --vocab]: our op
+   (:func:`vocab_parallel_logprobs_entropy`, one process, full vocabulary) against the naive
+   ``log_softmax(logits.float() / T).gather(target)``; both also with the entropy as a second output.
+   Target: ours <= 0.5 x naive peak memory, and no slower.
+
+Times: all variants of a suite run interleaved in one subprocess (one warm-up each, then ``--repeats``
+rounds), so drifting machine load hits them alike; the ratios are of medians. Memory: every variant in a
+fresh subprocess; on CPU it is the growth of the process's peak resident set size (VmHWM, reset through
+/proc/self/clear_refs once the inputs exist) over a warm-up and one run: what the operation needs on top of
+its inputs, temporaries and the returned gradient included. On CUDA it is max_memory_allocated() growth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from nsr_megatron.losses import PolicyLossConfig, policy_loss, vocab_parallel_logprobs_entropy  # noqa: E402
+
+LOSS_VARIANTS = ("dapo", "nsr", "nsr-decay")
+LP_VARIANTS = ("naive", "ours", "naive+entropy", "ours+entropy")
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+class PeakMemory:
+    """Peak memory growth (MiB) of what runs between ``start()`` and ``stop()``."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+            self.base = _rss_kib("VmRSS") * 1024
+
+    def stop(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - self.base) / 2**20
+        return (_rss_kib("VmHWM") * 1024 - self.base) / 2**20
+
+
+def loss_setup(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
+    """One fwd+bwd closure per loss variant, on shared inputs."""
+    device = torch.device(args.device)
+    g = torch.Generator().manual_seed(0)
+    rows, cols = args.tokens // args.seq_len, args.seq_len
+    old = (-torch.rand(rows, cols, generator=g) * 3.0).to(device)  # [B, T]
+    lp = (old.cpu() + torch.randn(rows, cols, generator=g) * 0.1).to(device).requires_grad_()  # [B, T]
+    adv = torch.randn(rows, generator=g).to(device)  # [B]
+    lengths = torch.randint(int(0.8 * cols), cols + 1, (rows, 1), generator=g)
+    mask = (torch.arange(cols)[None, :] < lengths).float().to(device)  # [B, T]
+    ids = torch.arange(rows, device=device)
+
+    def make(variant: str) -> Callable[[], None]:
+        cfg = PolicyLossConfig(name=variant)
+
+        def step() -> None:
+            lp.grad = None
+            loss, sums = policy_loss(cfg, lp, old, adv, mask, sample_ids=ids, step=3)
+            loss.backward()
+            clip = float(sums["clip/upper_sum"] + sums["clip/lower_sum"]) / float(sums["tokens"])
+            INFO["clip_frac"] = clip
+
+        return step
+
+    return {v: make(v) for v in LOSS_VARIANTS}
+
+
+def lp_setup(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
+    """One fwd+bwd closure per log-prob variant, on shared logits [N, V]."""
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.lp_dtype]
+    g = torch.Generator().manual_seed(0)
+    logits = torch.empty(args.lp_tokens, args.vocab, dtype=dtype, device=device)  # [N, V]
+    for a in range(0, args.lp_tokens, 256):  # fill in slices: no full-size fp32 temporary
+        logits[a : a + 256] = (torch.randn(min(256, args.lp_tokens - a), args.vocab, generator=g) * 2).to(
+            dtype
+        )
+    logits.requires_grad_()
+    targets = torch.randint(0, args.vocab, (args.lp_tokens,), generator=g).to(device)  # [N]
+    temperature = args.temperature
+
+    def make(variant: str) -> Callable[[], None]:
+        entropy = variant.endswith("+entropy")
+
+        def step() -> None:
+            logits.grad = None
+            if variant.startswith("ours"):
+                lp, ent = vocab_parallel_logprobs_entropy(logits, targets, temperature=temperature)
+            else:
+                logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # [N, V]
+                lp = logp.gather(1, targets[:, None]).squeeze(1)
+                ent = -(logp.exp() * logp).sum(-1) if entropy else lp
+            out = lp.sum() + ent.sum() if entropy else lp.sum()
+            out.backward()
+            logits.grad = None
+
+        return step
+
+    return {v: make(v) for v in LP_VARIANTS}
+
+
+INFO: dict[str, Any] = {}
+SETUPS = {"loss": loss_setup, "logprob": lp_setup}
+
+
+def worker(mode: str, kind: str, variant: str, args: argparse.Namespace) -> dict[str, Any]:
+    """``time``: all variants of ``kind`` interleaved in this process, one warm-up each, then ``repeats``
+    rounds; ``memory``: one variant, peak growth over a warm-up and one run."""
+    device = torch.device(args.device)
+    steps = SETUPS[kind](args)
+    if mode == "memory":
+        meter = PeakMemory(device)
+        meter.start()
+        for _ in range(2):
+            steps[variant]()
+        return {"peak_mib": meter.stop(), **INFO}
+    times: dict[str, list[float]] = {v: [] for v in steps}
+    for step in steps.values():
+        step()  # warm-up
+    for _ in range(args.repeats):
+        for v, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[v].append(time.perf_counter() - t0)
+    return {"times": times, **INFO}
+
+
+def run_worker(mode: str, kind: str, variant: str, argv: list[str]) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", f"{mode}:{kind}:{variant}"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=4 * 2**20, help="tokens of the loss benchmark (4M)")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument(
+        "--lp-tokens", type=int, default=1024, help="tokens of the log-prob benchmark (8192: ~20 GB)"
+    )
+    p.add_argument("--vocab", type=int, default=151936, help="vocabulary (Qwen2.5 / Qwen3)")
+    p.add_argument("--lp-dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per variant, interleaved")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--only", choices=("loss", "logprob"), default=None)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        mode, kind, variant = args.worker.split(":")
+        print(json.dumps(worker(mode, kind, variant, args)))
+        return
+    argv = [a for a in sys.argv[1:] if a]
+    suites = {"loss": (LOSS_VARIANTS, "dapo"), "logprob": (LP_VARIANTS, "naive")}
+    print(f"torch {torch.__version__}, device {args.device}, {args.threads} threads; time: median of "
+          f"{args.repeats} interleaved runs in one process; memory: peak growth in a fresh process "
+          "per variant")  # fmt: skip
+    for kind, (variants, base) in suites.items():
+        if args.only and args.only != kind:
+            continue
+        timing = run_worker("time", kind, "all", argv)
+        med = {v: statistics.median(ts) for v, ts in timing["times"].items()}
+        mem = {v: run_worker("memory", kind, v, argv)["peak_mib"] for v in variants}
+        if kind == "loss":
+            print(f"\npolicy_loss forward+backward, {args.tokens} tokens ({args.tokens // args.seq_len} x "
+                  f"{args.seq_len}), clip fraction {timing['clip_frac']:.2%}")  # fmt: skip
+        else:
+            print(f"\nlog-prob forward+backward, logits [{args.lp_tokens} x {args.vocab}] {args.lp_dtype}")
+        for v in variants:
+            ref = "naive+entropy" if v == "ours+entropy" else base
+            print(f"  {v:14s} {med[v] * 1e3:9.1f} ms  (x{med[v] / med[ref]:.3f} of {ref})   "
+                  f"peak +{mem[v]:9.1f} MiB  (x{mem[v] / mem[ref]:.3f} of {ref})")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
