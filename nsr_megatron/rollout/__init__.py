@@ -1,0 +1,37 @@
+"""Rollout: the engine protocol, the embedded (pure torch + transformers) engine and its SGLang-shaped HTTP API.
+
+>>> from nsr_megatron.rollout import EmbeddedEngine, SamplingParams
+>>> engine = EmbeddedEngine("path/to/hf_model")
+>>> groups = engine.generate([[1, 5, 7]], SamplingParams(max_new_tokens=16, stop_token_ids=(2,)), n=8, seed=0)
+>>> groups[0][3].response_ids, groups[0][3].response_logprobs, groups[0][3].finish_reason
+
+Nothing here imports megatron; the trainer pushes HF-named tensors through ``update_weights``.
+"""
+
+from typing import TYPE_CHECKING, Any
+
+from nsr_megatron.rollout.embedded import EmbeddedEngine, sample_tokens
+from nsr_megatron.rollout.engine import Generation, RolloutEngine, SamplingParams
+
+if TYPE_CHECKING:
+    from nsr_megatron.rollout.server import HttpEngine, RolloutServer
+
+
+def __getattr__(name: str) -> Any:
+    # server.py is imported lazily so that `python -m nsr_megatron.rollout.server` runs without runpy's warning.
+    if name in ("HttpEngine", "RolloutServer"):
+        from nsr_megatron.rollout import server
+
+        return getattr(server, name)
+    raise AttributeError(f"module 'nsr_megatron.rollout' has no attribute {name!r}")
+
+
+__all__ = [
+    "EmbeddedEngine",
+    "Generation",
+    "HttpEngine",
+    "RolloutEngine",
+    "RolloutServer",
+    "SamplingParams",
+    "sample_tokens",
+]

@@ -1,0 +1,390 @@
+"""Embedded rollout engine: a Hugging Face causal LM driven by its own batched, KV-cached sampling loop.
+
+Pure torch + transformers (no megatron, no SGLang), so the whole RL loop runs on a laptop CPU; the same loop runs
+on one GPU. Per sub-batch of at most ``max_batch_size`` rows (a row = one sample of one prompt):
+
+1. prefill once per *distinct* prompt (left-padded, attention mask + position ids), then repeat the KV cache
+   rows for the ``n`` samples (``DynamicCache.batch_select_indices``), so prefill costs P forwards, not P * n;
+2. decode one token per forward over the rows still generating: rows that emitted a stop token are dropped from
+   the batch and the cache, so finished sequences cost nothing;
+3. sample with temperature / top-k / top-p from uniforms that are a counter-based hash of
+   (seed, prompt index i, sample index j, response position t) (:func:`nsr_megatron.losses.rng.uniform`), never
+   from a stateful generator.
+
+Reproducibility (what is guaranteed):
+
+* same (weights, prompts, params, n, seed, max_batch_size, device, dtype) -> bitwise identical outputs;
+* the random draw behind token t of sample j of prompt i is a pure function of (seed, i, j, t); it does not depend
+  on n, on the other prompts, on the sub-batch split or on which rows already finished. So sample j of prompt i
+  is the same whatever the batch composition *up to floating-point differences of the forward pass*: a
+  different padding length or batch size can change logits in the last bits, which flips a token only when its
+  uniform lands within that rounding of a CDF boundary (the tests see identical outputs on tiny models, but that
+  is not a bitwise guarantee). Prompt i is its index within the call: shifting prompts to other indices changes
+  their streams.
+
+Log-probs: ``log softmax(logits / T)`` at the sampled token, before top-p / top-k truncation (see
+:mod:`nsr_megatron.rollout.engine`), computed in float32 whatever the model dtype.
+
+Shape legend: P = prompts in the call, R = rows in a sub-batch, U = distinct prompts in it, L = its longest
+prompt, A = rows still generating, K = tokens in the KV cache, V = vocabulary, T = max_new_tokens.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from nsr_megatron.losses.rng import uniform
+from nsr_megatron.rollout.engine import Generation, SamplingParams
+
+__all__ = ["EmbeddedEngine", "sample_tokens"]
+
+logger = logging.getLogger(__name__)
+
+ROLLOUT_STREAM = 0x524F4C4C4F5554
+"""The ``step`` coordinate of every rollout draw ("ROLLOUT" in ASCII): keeps rollout uniforms apart from the
+loss's (training step, sample id) draws made with the same seed."""
+
+_SAMPLE_STRIDE = 1 << 31  # sample id = prompt index * 2**31 + sample index: unique for n < 2**31, P < 2**32
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+# Model types whose HF checkpoints store experts one by one (experts.E.{gate,up,down}_proj.weight) while
+# transformers >= 5 holds them fused: gate_up_proj[E] = cat(gate_E, up_E) along dim 1 (shape [E, 2I, H]),
+# down_proj[E] = down_E ([E, H, I]); see transformers' conversion_mapping ("qwen2_moe": MergeModulelist +
+# Concatenate(dim=1)).
+_FUSED_EXPERT_MODEL_TYPES = frozenset({"qwen2_moe", "qwen3_moe"})
+
+
+def sample_tokens(logits_av: Tensor, uniforms_a: Tensor, params: SamplingParams) -> tuple[Tensor, Tensor]:
+    """Draw one token per row by inverse-CDF sampling and return (tokens [A], logprobs [A]).
+
+    ``p = softmax(logits / T)``; top-k keeps the k largest probabilities, top-p the smallest prefix of the sorted
+    probabilities whose mass reaches ``top_p`` (the token that crosses it is kept); the kept probabilities are
+    renormalised and the token is the first index whose cumulative mass (float64) exceeds ``u * total``, with
+    ``u`` in [0, 1). Ties sort by token id (stable sort), so ``top_k=1`` is ``argmax``. The returned log-prob is
+    ``log_softmax(logits / T)`` at the token: temperature-scaled, before truncation.
+    """
+    logp_av = torch.log_softmax(logits_av.float() / params.temperature, dim=-1)  # A, V
+    if params.top_k == 0 and params.top_p >= 1.0:
+        order_av = None
+        probs_av = logp_av.double().exp()
+    else:
+        sorted_logp_av, order_av = torch.sort(logp_av, dim=-1, descending=True, stable=True)
+        probs_av = sorted_logp_av.double().exp()
+        keep_av = torch.ones_like(probs_av, dtype=torch.bool)
+        if params.top_k > 0:
+            keep_av[:, params.top_k :] = False
+        if params.top_p < 1.0:
+            mass_before_av = probs_av.cumsum(dim=-1) - probs_av
+            keep_av &= mass_before_av < params.top_p
+        probs_av = probs_av * keep_av
+    cdf_av = probs_av.cumsum(dim=-1)
+    target_a1 = uniforms_a.to(cdf_av.dtype)[:, None] * cdf_av[:, -1:]
+    idx_a = torch.searchsorted(cdf_av, target_a1, right=True).squeeze(1).clamp_(max=logp_av.shape[-1] - 1)
+    # u * total can round up to total (u is at most 1 - 2**-53); never return a zero-probability token then.
+    zero_a = probs_av.gather(1, idx_a[:, None]).squeeze(1) == 0
+    if bool(zero_a.any()):
+        idx_a = torch.where(zero_a, probs_av.argmax(dim=-1), idx_a)
+    tokens_a = idx_a if order_av is None else order_av.gather(1, idx_a[:, None]).squeeze(1)
+    return tokens_a, logp_av.gather(1, tokens_a[:, None]).squeeze(1)
+
+
+class EmbeddedEngine:
+    """In-process rollout engine over a Hugging Face ``AutoModelForCausalLM`` (Qwen2, Qwen3, Qwen3-MoE, ...).
+
+    Args:
+        hf_path: a Hugging Face model directory. With weights (``model.safetensors`` etc.) it is loaded with
+            ``from_pretrained``; with only ``config.json`` the model is built with ``from_config`` and random
+            weights (seeded by ``init_seed``), to be filled by :meth:`update_weights`.
+        dtype: parameter dtype (log-probs and sampling are float32 / float64 regardless).
+        device: where the model runs.
+        max_batch_size: rows (prompt x sample) per forward; larger calls are split into sub-batches.
+        attn_implementation: passed to transformers (``None``: its default, ``sdpa``).
+        init_seed: seed of the random init when there are no weights.
+    """
+
+    def __init__(
+        self,
+        hf_path: str | os.PathLike[str],
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        max_batch_size: int = 256,
+        attn_implementation: str | None = None,
+        init_seed: int = 0,
+    ) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        path = Path(hf_path)
+        if not (path / "config.json").is_file():
+            raise ValueError(
+                f"EmbeddedEngine(hf_path={str(hf_path)!r}): no config.json there; pass a Hugging Face model "
+                "directory (save_pretrained output or a hub snapshot)."
+            )
+        kwargs: dict[str, Any] = {"dtype": dtype}
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
+        if any((path / name).is_file() for name in _WEIGHT_FILES):
+            model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        else:
+            logger.warning("%s has no weight files: building the model from config.json with random weights", path)
+            model = _model_from_config(AutoConfig.from_pretrained(str(path)), init_seed=init_seed, **kwargs)
+        self._setup(model, device=device, max_batch_size=max_batch_size, name=str(path))
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Mapping[str, Any] | Any,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        max_batch_size: int = 256,
+        attn_implementation: str | None = None,
+        init_seed: int = 0,
+    ) -> EmbeddedEngine:
+        """An engine over a randomly initialised model built from an HF config (a ``config.json`` dict with a
+        ``model_type`` key, or a ``PretrainedConfig``); the init is seeded by ``init_seed``."""
+        from transformers import AutoConfig
+
+        if isinstance(config, Mapping):
+            values = dict(config)
+            model_type = values.pop("model_type", None)
+            if not model_type:
+                raise ValueError(
+                    "EmbeddedEngine.from_config: the config dict has no 'model_type' (e.g. 'qwen3_moe'); "
+                    "add it or pass a transformers PretrainedConfig."
+                )
+            config = AutoConfig.for_model(model_type, **values)
+        kwargs: dict[str, Any] = {"dtype": dtype}
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
+        model = _model_from_config(config, init_seed=init_seed, **kwargs)
+        engine = cls.__new__(cls)
+        engine._setup(model, device=device, max_batch_size=max_batch_size, name=f"<random {config.model_type}>")
+        return engine
+
+    @classmethod
+    def from_model(
+        cls, model: torch.nn.Module, *, device: str | torch.device | None = None, max_batch_size: int = 256
+    ) -> EmbeddedEngine:
+        """An engine over an already built HF causal LM (used as is: not copied)."""
+        engine = cls.__new__(cls)
+        dev = device if device is not None else next(model.parameters()).device
+        engine._setup(model, device=dev, max_batch_size=max_batch_size, name=type(model).__name__)
+        return engine
+
+    def _setup(self, model: Any, *, device: str | torch.device, max_batch_size: int, name: str) -> None:
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"EmbeddedEngine(max_batch_size={max_batch_size!r}) must be an int >= 1.")
+        # a transformers PreTrainedModel, typed loosely: its methods (get_output_embeddings, ...) are dynamic
+        self.model: Any = model.to(device).eval().requires_grad_(False)
+        self.device = torch.device(device)
+        self.max_batch_size = max_batch_size
+        self.name = name
+        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        self.weight_version = 0
+        self._targets = _weight_targets(self.model)
+        # transformers >= 5.24 names the KV-cache argument ``cache`` (``past_key_values`` is deprecated there).
+        forward_args = inspect.signature(self.model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in forward_args else "past_key_values"
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, *, n: int = 1, seed: int = 0
+    ) -> list[list[Generation]]:
+        """Sample ``n`` continuations of every prompt; ``result[i][j]`` is sample ``j`` of prompt ``i``."""
+        self._check_request(prompts, params, n, seed)
+        rows = [(i, j) for i in range(len(prompts)) for j in range(n)]
+        # Sorting rows by prompt length shortens the padding of each sub-batch; stable, so the n rows of one
+        # prompt stay together and prefill once. Draws are keyed by (i, j), so the order changes no sample.
+        rows.sort(key=lambda row: len(prompts[row[0]]))
+        results: list[list[Generation | None]] = [[None] * n for _ in prompts]
+        with torch.inference_mode():
+            for start in range(0, len(rows), self.max_batch_size):
+                chunk = rows[start : start + self.max_batch_size]
+                for (i, j), gen in zip(chunk, self._generate_rows(prompts, chunk, params, seed), strict=True):
+                    results[i][j] = gen
+        return [[g for g in per_prompt if g is not None] for per_prompt in results]
+
+    def _generate_rows(
+        self, prompts: list[list[int]], rows: list[tuple[int, int]], params: SamplingParams, seed: int
+    ) -> list[Generation]:
+        from transformers import DynamicCache
+
+        dev = self.device
+        uniq = list(dict.fromkeys(i for i, _ in rows))  # U prompt indices, first-seen order
+        slot = {i: k for k, i in enumerate(uniq)}
+        lengths = [len(prompts[i]) for i in uniq]
+        longest = max(lengths)
+        ids_ul = torch.zeros(len(uniq), longest, dtype=torch.long)
+        mask_ul = torch.zeros(len(uniq), longest, dtype=torch.long)
+        for k, i in enumerate(uniq):  # left padding: every prompt ends at column L - 1
+            ids_ul[k, longest - lengths[k] :] = torch.tensor(prompts[i], dtype=torch.long)
+            mask_ul[k, longest - lengths[k] :] = 1
+        ids_ul, mask_ul = ids_ul.to(dev), mask_ul.to(dev)
+        pos_ul = (mask_ul.cumsum(dim=-1) - 1).clamp_(min=0)
+
+        cache = DynamicCache(config=self.model.config)
+        cache_kw = {self._cache_kwarg: cache}
+        out = self.model(
+            input_ids=ids_ul, attention_mask=mask_ul, position_ids=pos_ul, use_cache=True, logits_to_keep=1, **cache_kw
+        )
+        src_r = torch.tensor([slot[i] for i, _ in rows], dtype=torch.long, device=dev)  # R: row -> its prompt
+        if len(uniq) != len(rows):
+            cache.batch_select_indices(src_r)  # K/V of each prompt repeated for its samples
+        logits_av = out.logits[src_r, -1]  # A = R, V
+        mask_ak = mask_ul[src_r]
+        prompt_len_r = torch.tensor([len(prompts[i]) for i, _ in rows], dtype=torch.long, device=dev)
+        sample_id_r = torch.tensor([i * _SAMPLE_STRIDE + j for i, j in rows], dtype=torch.long, device=dev)
+        stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=dev)
+
+        num_rows, max_new = len(rows), params.max_new_tokens
+        tokens_rt = torch.zeros(num_rows, max_new, dtype=torch.long, device=dev)
+        logps_rt = torch.zeros(num_rows, max_new, dtype=torch.float32, device=dev)
+        length_r = torch.zeros(num_rows, dtype=torch.long, device=dev)
+        stopped_r = torch.zeros(num_rows, dtype=torch.bool, device=dev)
+        active_a = torch.arange(num_rows, device=dev)
+        for t in range(max_new):
+            u_a = uniform(seed, ROLLOUT_STREAM, sample_id_r[active_a], t)  # A, float64 in [0, 1)
+            tok_a, logp_a = sample_tokens(logits_av, u_a, params)
+            tokens_rt[active_a, t] = tok_a
+            logps_rt[active_a, t] = logp_a
+            length_r[active_a] = t + 1
+            if stop_ids.numel():
+                hit_a = torch.isin(tok_a, stop_ids)
+                if bool(hit_a.any()):
+                    stopped_r[active_a[hit_a]] = True
+                    keep_a = (~hit_a).nonzero().squeeze(1)
+                    if keep_a.numel() == 0:
+                        break
+                    cache.batch_select_indices(keep_a)  # finished rows leave the batch and the cache
+                    mask_ak, active_a, tok_a = mask_ak[keep_a], active_a[keep_a], tok_a[keep_a]
+            if t == max_new - 1:
+                break
+            mask_ak = torch.cat([mask_ak, mask_ak.new_ones(len(active_a), 1)], dim=1)
+            pos_a1 = (prompt_len_r[active_a] + t)[:, None]  # response token t sits at position len(prompt) + t
+            out = self.model(
+                input_ids=tok_a[:, None], attention_mask=mask_ak, position_ids=pos_a1, use_cache=True, **cache_kw
+            )
+            logits_av = out.logits[:, -1]
+
+        tokens, logps = tokens_rt.cpu().tolist(), logps_rt.cpu().tolist()
+        lens, stopped = length_r.cpu().tolist(), stopped_r.cpu().tolist()
+        return [
+            Generation(
+                prompt_ids=list(prompts[i]),
+                response_ids=tokens[r][: lens[r]],
+                response_logprobs=logps[r][: lens[r]],
+                finish_reason="stop" if stopped[r] else "length",
+            )
+            for r, (i, _) in enumerate(rows)
+        ]
+
+    def _check_request(self, prompts: Any, params: Any, n: Any, seed: Any) -> None:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"generate(params={params!r}) must be a SamplingParams.")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n < _SAMPLE_STRIDE:
+            raise ValueError(f"generate(n={n!r}) must be an int in [1, 2**31): the number of samples per prompt.")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"generate(seed={seed!r}) must be an int.")
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError("generate(prompts=...) must be a non-empty list of token-id lists.")
+        if len(prompts) >= 1 << 32:
+            raise ValueError(f"generate: {len(prompts)} prompts is too many for one call (< 2**32).")
+        vocab = self.vocab_size
+        for i, p in enumerate(prompts):
+            if not isinstance(p, (list, tuple)) or not p:
+                raise ValueError(f"generate: prompts[{i}] must be a non-empty list of token ids, got {p!r:.80}.")
+            if all(type(tok) is int for tok in p) and 0 <= min(p) and max(p) < vocab:  # fast path
+                continue
+            tok = next(t for t in p if type(t) is not int or not 0 <= t < vocab)
+            raise ValueError(
+                f"generate: prompts[{i}] holds token id {tok!r}, outside [0, {vocab}) (the model's vocabulary) or "
+                "not a Python int; check the tokenizer matches the model."
+            )
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise ValueError(f"SamplingParams.stop_token_ids={bad} are outside the model's vocabulary [0, {vocab}).")
+
+    # ------------------------------------------------------------------ weights
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]] | Mapping[str, Tensor]) -> int:
+        """Copy Hugging Face-named tensors into the model's parameters in place; return how many were loaded.
+
+        ``named_tensors``: (name, tensor) pairs, streamed (a generator of buckets is fine), or a name -> tensor dict.
+
+        Accepts the model's own parameter names and, for Qwen2/Qwen3-MoE, the checkpoint's per-expert names
+        (``model.layers.L.mlp.experts.E.{gate,up,down}_proj.weight``), which are copied into their slice of the
+        fused ``experts.gate_up_proj`` / ``experts.down_proj``. With tied embeddings ``lm_head.weight`` and
+        ``model.embed_tokens.weight`` are one tensor, so either name updates both. Dtype and device are converted;
+        storage is never re-allocated (no ``load_state_dict``, no new Parameters).
+
+        Raises ``ValueError`` on an unknown name or a shape mismatch, naming the tensor and both shapes. Tensors
+        are copied as they stream in, so on error the ones before it are already loaded.
+        """
+        count = 0
+        items = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
+        with torch.no_grad():
+            for name, tensor in items:
+                target = self._targets.get(name)
+                if target is None:
+                    raise ValueError(
+                        f"update_weights: unknown tensor {name!r} for {type(self.model).__name__}; expected Hugging "
+                        f"Face names such as {next(iter(self._targets))!r} (check the Megatron -> HF name mapping)."
+                    )
+                param, index = target
+                dest = param[index] if index else param
+                if tuple(tensor.shape) != tuple(dest.shape):
+                    raise ValueError(
+                        f"update_weights: tensor {name!r} has shape {tuple(tensor.shape)} but the model expects "
+                        f"{tuple(dest.shape)}; check the TP/EP gather and the model config."
+                    )
+                dest.copy_(tensor)
+                count += 1
+        self.weight_version += 1
+        return count
+
+    def flush_cache(self) -> None:
+        """No-op: the engine keeps no KV or prefix cache between ``generate`` calls (each call builds its own)."""
+
+
+def _model_from_config(config: Any, *, init_seed: int, **kwargs: Any) -> torch.nn.Module:
+    """``AutoModelForCausalLM.from_config`` with a seeded init that leaves the global RNG untouched."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        return AutoModelForCausalLM.from_config(config, **kwargs)
+
+
+def _weight_targets(model: torch.nn.Module) -> dict[str, tuple[Tensor, tuple[Any, ...]]]:
+    """HF name -> (parameter, index into it) for every name :meth:`EmbeddedEngine.update_weights` accepts."""
+    targets: dict[str, tuple[Tensor, tuple[Any, ...]]] = {
+        name: (param, ()) for name, param in model.named_parameters(remove_duplicate=False)
+    }
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in _FUSED_EXPERT_MODEL_TYPES:
+        return targets
+    for name, (tensor, _) in list(targets.items()):
+        if name.endswith("experts.gate_up_proj") and tensor.dim() == 3:
+            prefix, half = name[: -len("gate_up_proj")], tensor.shape[1] // 2
+            for e in range(tensor.shape[0]):  # gate_up_proj: [E, 2I, H]
+                targets[f"{prefix}{e}.gate_proj.weight"] = (tensor, (e, slice(0, half)))
+                targets[f"{prefix}{e}.up_proj.weight"] = (tensor, (e, slice(half, 2 * half)))
+        elif name.endswith("experts.down_proj") and tensor.dim() == 3:
+            prefix = name[: -len("down_proj")]
+            for e in range(tensor.shape[0]):  # down_proj: [E, H, I]
+                targets[f"{prefix}{e}.down_proj.weight"] = (tensor, (e,))
+    return targets

@@ -1,0 +1,116 @@
+"""The rollout engine protocol: what the trainer asks of any generator (embedded, HTTP, SGLang).
+
+A rollout call takes P prompts (token ids) and returns, for each prompt, ``n`` sampled continuations with the
+log-probability of every sampled token. The trainer only talks to :class:`RolloutEngine`, so the in-process
+:class:`~nsr_megatron.rollout.embedded.EmbeddedEngine`, its HTTP client
+:class:`~nsr_megatron.rollout.server.HttpEngine` and an SGLang server are interchangeable.
+
+Log-probability convention (what ``Generation.response_logprobs`` holds)::
+
+    response_logprobs[t] = log softmax(logits_t / T)[y_t]
+
+the log-probability of the sampled token ``y_t`` under the *temperature-scaled* distribution, computed *before*
+top-p / top-k truncation (the truncated distribution is only used to draw ``y_t``). With ``top_p=1, top_k=0`` it is
+exactly the log-probability of the behaviour policy; with truncation it is the log-probability of the untruncated
+policy at temperature T, which is what the trainer recomputes as ``old_logprobs`` (SGLang and vLLM report the
+same quantity).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+
+__all__ = ["FinishReason", "Generation", "RolloutEngine", "SamplingParams"]
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """How to sample one batch of continuations.
+
+    Args:
+        max_new_tokens: at most this many tokens are generated per sequence (>= 1); reaching it gives
+            ``finish_reason="length"``.
+        temperature: logits are divided by it before the softmax (> 0; use ``top_k=1`` for greedy decoding).
+        top_p: nucleus sampling: keep the smallest set of most likely tokens whose probability sums to at least
+            ``top_p`` (in (0, 1]; 1 = off).
+        top_k: keep only the ``top_k`` most likely tokens (>= 0; 0 = off; 1 = greedy).
+        stop_token_ids: a sequence ends right after it emits one of these ids (the stop token is kept in the
+            response and gets a log-prob); ``finish_reason="stop"``.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(
+                f"SamplingParams.max_new_tokens={self.max_new_tokens!r} must be an int >= 1; "
+                "set it to the longest response you want."
+            )
+        if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool):
+            raise ValueError(f"SamplingParams.temperature={self.temperature!r} must be a number > 0.")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(
+                f"SamplingParams.temperature={self.temperature!r} must be finite and > 0; "
+                "for greedy decoding use top_k=1 (with any temperature)."
+            )
+        if not isinstance(self.top_p, (int, float)) or isinstance(self.top_p, bool) or not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p={self.top_p!r} must be in (0, 1]; use 1.0 to turn it off.")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"SamplingParams.top_k={self.top_k!r} must be an int >= 0; use 0 to turn it off.")
+        stop = self.stop_token_ids
+        if not isinstance(stop, (tuple, list)) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in stop
+        ):
+            raise ValueError(
+                f"SamplingParams.stop_token_ids={stop!r} must be a tuple of non-negative token ids, "
+                "e.g. (tokenizer.eos_token_id,)."
+            )
+        object.__setattr__(self, "stop_token_ids", tuple(stop))
+
+
+@dataclass(kw_only=True)
+class Generation:
+    """One sampled continuation of one prompt.
+
+    ``response_logprobs[t]`` is ``log softmax(logits_t / T)[response_ids[t]]``: temperature-scaled, taken *before*
+    top-p / top-k truncation (see the module docstring). ``response_ids`` includes the stop token when
+    ``finish_reason == "stop"``.
+    """
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    response_logprobs: list[float]
+    finish_reason: str  # "stop" | "length"
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """A generator the trainer can sample from and push weights into."""
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, *, n: int = 1, seed: int = 0
+    ) -> list[list[Generation]]:
+        """Sample ``n`` continuations of every prompt; ``result[i][j]`` is sample ``j`` of prompt ``i``."""
+        ...
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Copy Hugging Face-named tensors into the model in place; return how many were loaded.
+
+        An unknown name or a shape mismatch raises ``ValueError`` naming the tensor and both shapes.
+        """
+        ...
+
+    def flush_cache(self) -> None:
+        """Drop any cached KV / prefix state (call after a weight update if the engine keeps one)."""
+        ...
