@@ -1,8 +1,10 @@
 """``nsr-megatron`` command line.
 
 Subcommands:
-  smoke     build a tiny MoE policy and train it a few steps on random tokens, printing throughput
-  validate  load a config (YAML + key=value overrides) and check it against the model and world size
+  quickstart  RL (NSR) on a synthetic task from a tiny random HF model, on this machine (CPU or GPU)
+  train       RL training from a config: nsr-megatron train --config FILE [key=value ...]
+  smoke       build a tiny MoE policy and train it a few steps on random tokens, printing throughput
+  validate    load a config (YAML + key=value overrides) and check it against the model and world size
 
 Every subcommand also runs under ``torchrun`` (any TP / PP / EP the world size allows).
 """
@@ -53,7 +55,7 @@ def _prepare(config: Config, scratch: Path) -> tuple[Any, Any]:
     from nsr_megatron.models.tiny import write_tiny_hf_config
 
     if not config.model.hf_path:
-        config.model.hf_path = str(write_tiny_hf_config(scratch / "tiny-moe"))
+        config.model.hf_path = str(write_tiny_hf_config(scratch / "tiny-moe", **config.model.tiny))
     arch = arch_from_hf(read_hf_config(config.model.hf_path))
     validate_layout(arch, config.model, config.parallel, _world_size())
     return config, arch
@@ -145,6 +147,93 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _wait_for(path: Path, timeout_s: float = 600.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {_rank()}: {path} did not appear within {timeout_s:.0f}s (rank 0 writes it)")
+        time.sleep(0.2)
+
+
+def prepare_quickstart(config: Config, *, task: str, num_prompts: int) -> Config:
+    """Fill in what the quickstart generates: a tiny random HF checkpoint (with the synthetic tokenizer)
+    and a synthetic task's JSONL, both inside the run directory. Rank 0 writes them atomically; the
+    other ranks wait for them."""
+    from nsr_megatron.data.synthetic import generate, write_jsonl
+    from nsr_megatron.data.tokenizer import save_synthetic_tokenizer
+    from nsr_megatron.models.tiny import create_tiny_hf_checkpoint
+
+    run_dir = Path(config.run.run_dir)
+    if not config.model.hf_path:
+        hf_dir = run_dir / "hf-init"
+        if _rank() == 0 and not (hf_dir / "config.json").exists():
+            tmp = run_dir / ".tmp-hf-init"
+            create_tiny_hf_checkpoint(tmp, seed=config.run.seed, **config.model.tiny)
+            save_synthetic_tokenizer(tmp)
+            os.replace(tmp, hf_dir)
+        _wait_for(hf_dir / "config.json")
+        config.model.hf_path = str(hf_dir)
+    if not config.data.path:
+        data = run_dir / "data" / f"{task}.jsonl"
+        if _rank() == 0 and not data.exists():
+            data.parent.mkdir(parents=True, exist_ok=True)
+            write_jsonl(generate(task, num_prompts, seed=config.data.seed), data.with_suffix(".tmp"))
+            os.replace(data.with_suffix(".tmp"), data)
+        _wait_for(data)
+        config.data.path = str(data)
+    return config
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from nsr_megatron.trainer.loop import train
+
+    config = load_config(args.config, args.overrides)
+    if getattr(args, "quickstart", False):
+        config = prepare_quickstart(config, task=args.task, num_prompts=args.num_prompts)
+    if not config.model.hf_path or not config.data.path:
+        raise ConfigError(
+            "model.hf_path and data.path are required (an HF checkpoint directory and a JSONL/Parquet prompt "
+            "file); or run `nsr-megatron quickstart` to generate both."
+        )
+    rt = train(config, world_size=_world_size(), progress=False if args.no_progress else None)
+    if rt.is_logger:
+        from nsr_megatron.telemetry import read_metrics
+
+        rows = read_metrics(rt.run_dir / "metrics.jsonl")
+        if rows:
+            k = min(5, len(rows))
+            first = sum(r["reward/mean"] for r in rows[:k]) / k
+            last = sum(r["reward/mean"] for r in rows[-k:]) / k
+            print(f"train: {len(rows)} steps in {rt.run_dir}; mean reward first {k}: {first:.3f}, last {k}: {last:.3f}")
+    from nsr_megatron import parallel
+
+    parallel.destroy()
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from nsr_megatron.telemetry import plot_reward_comparison, plot_run
+
+    if args.compare:
+        runs = []
+        for item in args.compare:
+            label, _, path = item.partition("=")
+            metrics = Path(path or label) / "metrics.jsonl"
+            if not metrics.is_file():
+                raise ConfigError(f"--compare {item!r}: {metrics} does not exist; pass LABEL=RUN_DIR of a finished run.")
+            runs.append((label if path else Path(label).name, metrics))
+        out = plot_reward_comparison(runs, args.out or "reward_comparison.png", key=args.key, smooth=args.smooth)
+        print(f"plot: wrote {out}")
+    for run_dir in args.runs:
+        for path in plot_run(run_dir, smooth=args.smooth):
+            print(f"plot: wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nsr-megatron", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -153,10 +242,30 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", default=default, help="YAML config file (default: %(default)s)")
         sp.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. parallel.tp=2 run.steps=5")
 
+    train = sub.add_parser("train", help="RL training from a config (also under torchrun)")
+    add_config_args(train, None)
+    train.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    train.set_defaults(func=cmd_train, quickstart=False)
+
+    quick = sub.add_parser("quickstart", help="RL with NSR on a synthetic task from a tiny random model")
+    add_config_args(quick, str(_examples_dir() / "configs" / "quickstart.yaml"))
+    quick.add_argument("--task", default="echo", help="synthetic task: echo | successor | add (default: %(default)s)")
+    quick.add_argument("--num-prompts", type=int, default=1024, help="prompts in the generated data set")
+    quick.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    quick.set_defaults(func=cmd_train, quickstart=True)
+
     smoke = sub.add_parser("smoke", help="train a tiny MoE a few steps on random tokens, print tokens/s")
     add_config_args(smoke, str(_examples_dir() / "configs" / "smoke.yaml"))
     smoke.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     smoke.set_defaults(func=cmd_smoke)
+
+    plot = sub.add_parser("plot", help="draw a run's PNG plots, or several runs' reward curves in one PNG")
+    plot.add_argument("runs", nargs="*", help="run directories to plot (each gets <run_dir>/plots/*.png)")
+    plot.add_argument("--compare", nargs="+", default=[], metavar="LABEL=RUN_DIR", help="runs to overlay")
+    plot.add_argument("--out", default="", help="comparison PNG path (default reward_comparison.png)")
+    plot.add_argument("--key", default="reward/mean", help="metric to compare (default: %(default)s)")
+    plot.add_argument("--smooth", type=int, default=1, help="moving-average window in steps")
+    plot.set_defaults(func=cmd_plot, config=None)
 
     validate = sub.add_parser("validate", help="validate a config against the model and world size; build nothing")
     add_config_args(validate, None)
@@ -170,9 +279,17 @@ def _examples_dir() -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)
     _quiet_third_party()
-    args = build_parser().parse_args(argv)
-    if args.config and not Path(args.config).is_file() and args.command == "smoke":
+    parser = build_parser()
+    # Overrides may come before and after options: collect the key=value leftovers argparse did not place.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [e for e in extra if e.startswith("-") or "=" not in e]
+    if unknown or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    if args.config and not Path(args.config).is_file() and args.command in ("smoke", "quickstart"):
         args.config = None  # installed without the examples folder: use built-in defaults
     try:
         return int(args.func(args))

@@ -22,9 +22,15 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from nsr_megatron.data.datasets import DataConfig
+from nsr_megatron.losses.policy import PolicyLossConfig
+from nsr_megatron.rewards.scorer import RewardConfig
+
 __all__ = [
+    "AlgorithmConfig",
     "CheckpointConfig",
     "Config",
+    "RolloutConfig",
     "ConfigError",
     "ModelConfig",
     "OptimizerConfig",
@@ -57,6 +63,8 @@ class ModelConfig:
     """
 
     hf_path: str = ""
+    # With hf_path empty, smoke / quickstart generate a tiny random Qwen3-MoE; these override its config.json.
+    tiny: dict[str, Any] = field(default_factory=dict)
     params_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
     moe_aux_loss_coeff: float = 0.0  # RL default: no load-balancing loss
@@ -186,6 +194,63 @@ class RunConfig:
 
 
 @dataclass(kw_only=True)
+class RolloutConfig:
+    """How responses are sampled: G samples for each of ``prompts_per_step`` prompts.
+
+    ``engine="embedded"`` is the in-process engine (any machine); ``"http"`` talks to a running server
+    with the SGLang-compatible API at ``url`` (an embedded server, or SGLang on GPUs).
+    """
+
+    engine: Literal["embedded", "http"] = "embedded"
+    url: str = ""
+    prompts_per_step: int = 16
+    samples_per_prompt: int = 8
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        _require(self.prompts_per_step >= 1, f"rollout.prompts_per_step={self.prompts_per_step} must be >= 1.")
+        _require(
+            self.samples_per_prompt >= 2,
+            f"rollout.samples_per_prompt={self.samples_per_prompt} must be >= 2 (group advantages need a group).",
+        )
+        _require(self.max_new_tokens >= 1, f"rollout.max_new_tokens={self.max_new_tokens} must be >= 1.")
+        _require(self.temperature > 0, f"rollout.temperature={self.temperature} must be > 0 (1.0 samples the policy).")
+        _require(0 < self.top_p <= 1, f"rollout.top_p={self.top_p} must lie in (0, 1].")
+        _require(
+            self.engine != "http" or bool(self.url),
+            "rollout.engine=http needs rollout.url (e.g. http://127.0.0.1:30000).",
+        )
+
+
+@dataclass(kw_only=True)
+class AlgorithmConfig:
+    """GRPO-style advantages, DAPO dynamic sampling, and how each rollout batch is trained on."""
+
+    normalize_std: bool = True  # False = Dr.GRPO advantages (no std division)
+    dynamic_sampling: bool = False  # drop groups whose rewards are all equal, sample more prompts
+    max_sampling_rounds: int = 3
+    old_logprobs: Literal["recompute", "rollout"] = "recompute"
+    mini_batches: int = 2  # optimizer steps per rollout batch (>1 makes clipping, and NSR, matter)
+    max_tokens_per_micro_batch: int = 4096
+
+    def __post_init__(self) -> None:
+        _require(self.max_sampling_rounds >= 1, f"algorithm.max_sampling_rounds={self.max_sampling_rounds} must be >= 1.")
+        _require(self.mini_batches >= 1, f"algorithm.mini_batches={self.mini_batches} must be >= 1.")
+        _require(
+            self.max_tokens_per_micro_batch >= 16,
+            f"algorithm.max_tokens_per_micro_batch={self.max_tokens_per_micro_batch} must be >= 16.",
+        )
+
+
+def _default_data() -> DataConfig:
+    return DataConfig()
+
+
+@dataclass(kw_only=True)
 class Config:
     """The whole run: one section per component."""
 
@@ -194,6 +259,11 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=_default_data)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
 
 
 def read_hf_config(hf_path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -263,7 +333,12 @@ def from_dict(cls: type[T], data: dict[str, Any], *, prefix: str = "") -> T:
             hint = f" Did you mean {prefix}{close[0]}?" if close else f" Valid keys: {sorted(fields)}."
             raise ConfigError(f"unknown config key {prefix + key!r}.{hint}")
         kwargs[key] = _coerce(value, hints[key], prefix + key)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:  # a component's own validation (e.g. the loss config)
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -145,3 +145,24 @@ def canonical_state(
 def _padded_shape(sh: Any) -> tuple[int, ...]:
     # Prepended axes (layer, expert) have local size 1.
     return (1,) * sh.prepend_axis_num + tuple(sh.local_shape)
+
+
+@torch.no_grad()
+def load_canonical_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> int:
+    """Copy full global tensors (keys as in :func:`canonical_state`) into this rank's shards, in place.
+
+    The inverse of :func:`canonical_state` for any layout; every rank needs the tensors it owns (passing
+    the whole dict everywhere is simplest for small models). Returns the number of shards written.
+    Missing keys or shape mismatches raise ``ValueError`` naming the tensor and both shapes.
+    """
+    written = 0
+    for sh in iter_sharded_tensors(model):
+        if sh.key not in state:
+            raise ValueError(f"no tensor for {sh.key} (global shape {tuple(sh.global_shape)}) in the given weights")
+        full = state[sh.key]
+        if tuple(full.shape) != tuple(sh.global_shape):
+            raise ValueError(f"{sh.key}: weights have shape {tuple(full.shape)}, the model expects {tuple(sh.global_shape)}")
+        index = tuple(slice(o, o + n) for o, n in zip(sh.global_offset, _padded_shape(sh), strict=True))
+        sh.data.copy_(full[index].reshape(sh.data.shape).to(sh.data.dtype))
+        written += 1
+    return written

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["tiny_moe_config", "write_tiny_hf_config"]
+__all__ = ["create_tiny_hf_checkpoint", "tiny_moe_config", "write_tiny_hf_config"]
 
 
 def tiny_moe_config(**overrides: Any) -> dict[str, Any]:
@@ -47,4 +47,18 @@ def write_tiny_hf_config(directory: str | os.PathLike[str], **overrides: Any) ->
     path.mkdir(parents=True, exist_ok=True)
     with open(path / "config.json", "w", encoding="utf-8") as f:
         json.dump(tiny_moe_config(**overrides), f, indent=2)
+    return path
+
+
+def create_tiny_hf_checkpoint(directory: str | os.PathLike[str], *, seed: int = 0, **overrides: Any) -> Path:
+    """Save a randomly initialised Qwen3-MoE (``tiny_moe_config(**overrides)``) with ``save_pretrained``:
+    a real Hugging Face checkpoint directory (config.json + safetensors) that a run starts from."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = write_tiny_hf_config(directory, **overrides)
+    config = AutoConfig.from_pretrained(path)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model.save_pretrained(path)
     return path

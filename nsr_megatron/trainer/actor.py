@@ -134,3 +134,79 @@ def forward_logits(bundle: ModelBundle, micro_batches: list[MicroBatch]) -> list
     finally:
         bundle.module.train(was_training)
     return captured if mpu.is_pipeline_last_stage() else None
+
+
+def _tp_group() -> Any:
+    from megatron.core import parallel_state as mpu
+
+    return mpu.get_tensor_model_parallel_group() if mpu.get_tensor_model_parallel_world_size() > 1 else None
+
+
+@torch.no_grad()
+def token_logprobs(bundle: ModelBundle, micro_batches: list[MicroBatch], *, temperature: float) -> list[torch.Tensor] | None:
+    """log softmax(logits / T)[target] per micro-batch, [B, T] fp32, on the last pipeline stage (else None).
+
+    Used for the old policy's log-probs (recomputed by the trainer) and the reference model's.
+    """
+    from megatron.core import parallel_state as mpu
+
+    from nsr_megatron.losses import vocab_parallel_logprobs_entropy
+
+    captured: list[torch.Tensor] = []
+    group = _tp_group()
+
+    def capture(logits: torch.Tensor, batch: MicroBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        lp, _ = vocab_parallel_logprobs_entropy(logits[:, :-1], batch["targets"], group=group, temperature=temperature)
+        captured.append(lp.float().cpu())
+        return logits.sum() * 0.0, {}
+
+    was_training = bundle.module.training
+    bundle.module.eval()
+    try:
+        forward_backward(bundle, micro_batches, capture, forward_only=True)
+    finally:
+        bundle.module.train(was_training)
+    return captured if mpu.is_pipeline_last_stage() else None
+
+
+def policy_loss_fn(
+    loss_cfg: Any,
+    *,
+    step: int,
+    temperature: float,
+    global_num_tokens: torch.Tensor,
+    global_num_seqs: torch.Tensor,
+    scale: float,
+) -> LossFn:
+    """The RL loss on one micro-batch, normalised by the step's global denominators.
+
+    megatron's schedule divides each micro-batch loss by the number of micro-batches and DDP averages
+    gradients over data-parallel ranks; ``scale`` (= micro-batches x data-parallel size) undoes both, so
+    the gradient is exactly that of the global loss (LOSSES.md, "Aggregation and normalisation").
+    """
+    from nsr_megatron.losses import policy_loss, vocab_parallel_logprobs_entropy
+
+    group = _tp_group()
+
+    def fn(logits: torch.Tensor, batch: MicroBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        lp, entropy = vocab_parallel_logprobs_entropy(  # [B, T] each
+            logits[:, :-1], batch["targets"], group=group, temperature=temperature
+        )
+        loss, sums = policy_loss(
+            loss_cfg,
+            lp,
+            batch["old_logprobs"],
+            batch["advantages"],
+            batch["mask"],
+            sample_ids=batch["sample_ids"],
+            step=step,
+            token_index=batch["token_index"],
+            global_num_tokens=global_num_tokens,
+            global_num_seqs=global_num_seqs,
+            ref_logprobs=batch.get("ref_logprobs"),
+            rollout_logprobs=batch.get("rollout_logprobs"),
+            entropy=entropy.detach(),
+        )
+        return loss * scale, {**sums, "loss_sum": loss.detach().double()}
+
+    return fn

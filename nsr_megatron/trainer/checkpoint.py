@@ -152,6 +152,15 @@ def _fix_torch_adam_step_on_load() -> None:
     DistributedOptimizer._set_main_param_and_optimizer_states = patched  # type: ignore[method-assign]
 
 
+def _ensure_optimizer_state(optimizer: Any) -> None:
+    """A fresh optimizer (no step taken yet) has no Adam state for a checkpoint to be loaded into: give it
+    placeholder state, as megatron-LM does before loading (the values are all replaced by the load)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is not None and len(inner.state) == 0 and hasattr(opt, "_init_optimizer_states_with_dummy_values"):
+            opt._init_optimizer_states_with_dummy_values()
+
+
 def _unshare_adam_steps(optimizer: Any) -> None:
     """megatron-core 0.16 restores torch Adam's per-parameter ``step`` as ONE tensor shared by every
     parameter (``distrib_optimizer.py``, "Native PyTorch state dict requires step"); torch Adam
@@ -228,10 +237,12 @@ def load_checkpoint(
         raise ValueError(f"{path} holds no optimizer state; load it with optimizer=None.")
     if optimizer is not None:
         _fix_torch_adam_step_on_load()
+        _ensure_optimizer_state(optimizer)
     sharded = _sharded_state(model, optimizer, is_loading=True)
     loaded = dist_checkpointing.load(sharded, str(path), strict="assume_ok_unexpected")
     _unwrap(model).load_state_dict(loaded["model"], strict=strict)
     if optimizer is not None:
         optimizer.load_state_dict(_conform(loaded["optimizer"], sharded["optimizer"]))
         _unshare_adam_steps(optimizer)
+
     return info

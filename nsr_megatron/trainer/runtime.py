@@ -1,0 +1,172 @@
+"""Everything a run needs, built once from the config: run directory, tokenizer, data, rewards, rollout
+engine, policy and reference models, and the resume point. The loop (``loop.py``) only uses it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from nsr_megatron.config import Config, read_hf_config, to_dict
+from nsr_megatron.models.hf_config import ArchSpec, arch_from_hf, validate_layout
+from nsr_megatron.parallel import ParallelState
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Runtime", "build_runtime", "hf_weights_to_canonical", "lr_at"]
+
+
+@dataclass(kw_only=True)
+class Runtime:
+    config: Config
+    arch: ArchSpec
+    state: ParallelState
+    run_dir: Path
+    tokenizer: Any
+    dataset: Any
+    sampler: Any
+    scorer: Any
+    engine: Any
+    policy: Any
+    reference: Any = None
+    start_step: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_logger(self) -> bool:
+        return self.state.rank == 0
+
+
+def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int, schedule: str) -> float:
+    """Learning rate at optimizer step ``step`` (0-based): linear warm-up, then constant / cosine / linear."""
+    import math
+
+    if warmup and step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return lr
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "cosine":
+        return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+    return lr + (min_lr - lr) * progress
+
+
+def hf_weights_to_canonical(hf_dir: str | os.PathLike[str], arch: ArchSpec) -> dict[str, torch.Tensor]:
+    """Read an HF checkpoint's safetensors into canonical (megatron dist-checkpoint) tensors."""
+    from safetensors import safe_open
+
+    from nsr_megatron.convert.mapping import check_hf_tensors, hf_to_canonical, weight_rules
+
+    hf_dir = Path(hf_dir)
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"no *.safetensors files in {hf_dir}; point model.hf_path at a Hugging Face checkpoint with weights "
+            "(save_pretrained writes them), or convert one with tools/convert.py."
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            for name in sf.keys():
+                tensors[name] = sf.get_tensor(name)
+    rules = weight_rules(arch)
+    check_hf_tensors(
+        rules, {k: tuple(v.shape) for k, v in tensors.items()}, tied=arch.tie_word_embeddings, where=str(hf_dir)
+    )
+    return {rule.key: hf_to_canonical(rule, tensors).float() for rule in rules}
+
+
+def _make_engine(config: Config, state: ParallelState) -> Any:
+    """The rollout engine: in-process on every rank (identical samples everywhere), or an HTTP server."""
+    from nsr_megatron.rollout import EmbeddedEngine, HttpEngine
+
+    if config.rollout.engine == "http":
+        return HttpEngine(config.rollout.url)
+    return EmbeddedEngine(
+        config.model.hf_path,
+        device="cuda" if state.device.type == "cuda" else "cpu",
+        dtype=torch.bfloat16 if config.model.params_dtype == "bf16" else torch.float32,
+        max_batch_size=config.rollout.max_batch_size,
+    )
+
+
+def _write_resolved_config(config: Config, run_dir: Path) -> None:
+    tmp = run_dir / "config.yaml.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        yaml.safe_dump(to_dict(config), f, sort_keys=False)
+    os.replace(tmp, run_dir / "config.yaml")
+
+
+def build_runtime(config: Config, *, world_size: int) -> Runtime:
+    """Validate, then build every component. Collective under torchrun (all ranks call it)."""
+    from transformers import AutoTokenizer
+
+    from nsr_megatron import parallel
+    from nsr_megatron.data.datasets import EpochSampler, PromptDataset
+    from nsr_megatron.models.provider import build_model
+    from nsr_megatron.models.state import load_canonical_state
+    from nsr_megatron.rewards.scorer import RewardScorer
+    from nsr_megatron.trainer.checkpoint import latest_checkpoint, load_checkpoint, read_meta
+
+    arch = arch_from_hf(read_hf_config(config.model.hf_path))
+    validate_layout(arch, config.model, config.parallel, world_size)  # before any work
+    run_dir = Path(config.run.run_dir)
+    state = parallel.initialize(config.parallel, seed=config.run.seed)
+    if state.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_resolved_config(config, run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(config.model.hf_path)
+    dataset = PromptDataset(config.data, tokenizer)
+    sampler = EpochSampler(len(dataset), config.rollout.prompts_per_step, seed=config.data.seed, shuffle=config.data.shuffle)
+    scorer = RewardScorer(config.reward)
+    engine = _make_engine(config, state)
+
+    policy = build_model(arch, model=config.model, parallel=config.parallel, role="policy", optimizer=config.optimizer)
+    reference = None
+    if config.loss.kl_coef > 0:
+        reference = build_model(arch, model=config.model, parallel=config.parallel, role="reference")
+
+    ckpt_root = run_dir / "checkpoints"
+    start_step = 0
+    resume_from = latest_checkpoint(ckpt_root) if config.checkpoint.resume == "auto" else None
+    if resume_from is not None:
+        meta = load_checkpoint(resume_from, policy.module, policy.optimizer)["meta"]
+        start_step = int(meta["step"])
+        sampler.load_state_dict(meta["sampler"])
+        log.info("resumed from %s (step %d)", resume_from, start_step)
+    elif config.checkpoint.load:
+        load_checkpoint(config.checkpoint.load, policy.module)
+    else:
+        load_canonical_state(policy.module, hf_weights_to_canonical(config.model.hf_path, arch))
+    if reference is not None:
+        if config.checkpoint.load:
+            load_checkpoint(config.checkpoint.load, reference.module)
+        else:
+            load_canonical_state(reference.module, hf_weights_to_canonical(config.model.hf_path, arch))
+    if dist.is_initialized():
+        dist.barrier()
+    rt = Runtime(
+        config=config,
+        arch=arch,
+        state=state,
+        run_dir=run_dir,
+        tokenizer=tokenizer,
+        dataset=dataset,
+        sampler=sampler,
+        scorer=scorer,
+        engine=engine,
+        policy=policy,
+        reference=reference,
+        start_step=start_step,
+    )
+    if resume_from is not None:
+        rt.extra["resumed_meta"] = read_meta(resume_from)
+    log.debug("runtime: %s", json.dumps({"arch": arch.model_type, "start_step": start_step}))
+    return rt
