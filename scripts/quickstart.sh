@@ -5,4 +5,4 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=$(bash "$ROOT/scripts/setup_env.sh" | tail -n 1)
 cd "$ROOT"
-exec "$PY" -m nsr_megatron.cli smoke "$@"
+exec "$PY" -m nsr_megatron.cli quickstart "$@"

@@ -59,6 +59,6 @@ def create_tiny_hf_checkpoint(directory: str | os.PathLike[str], *, seed: int = 
     path = write_tiny_hf_config(directory, **overrides)
     config = AutoConfig.from_pretrained(path)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(path)
     return path

@@ -76,7 +76,7 @@ def sample_batch(rt: Runtime, step: int) -> tuple[list[Sample], dict[str, float]
     groups: list[tuple[Any, list[Any], torch.Tensor]] = []
     all_rewards: list[float] = []
     lengths: list[int] = []
-    stats = {"reward/errors": 0.0, "reward/timeouts": 0.0, "rollout/rounds": 0.0}
+    stats = {"reward/errors": 0.0, "reward/timeouts": 0.0, "rollout/rounds": 0.0, "timing/rewards": 0.0}
     for round_ in range(cfg.algorithm.max_sampling_rounds if cfg.algorithm.dynamic_sampling else 1):
         records = [rt.dataset[i] for i in rt.sampler.next_batch()]
         prompts = [rt.tokenizer(r.prompt, add_special_tokens=False)["input_ids"] for r in records]
@@ -84,7 +84,9 @@ def sample_batch(rt: Runtime, step: int) -> tuple[list[Sample], dict[str, float]
         flat = [g for per_prompt in gens for g in per_prompt]
         texts = [rt.tokenizer.decode(g.response_ids, skip_special_tokens=False) for g in flat]
         answers = [r.answer for r in records for _ in range(G)]
+        t_reward = time.perf_counter()
         rewards, rstats = rt.scorer.score_batch(texts, answers, [len(g.response_ids) for g in flat])
+        stats["timing/rewards"] = stats.get("timing/rewards", 0.0) + time.perf_counter() - t_reward
         stats["reward/errors"] += rstats.errors
         stats["reward/timeouts"] += rstats.timeouts
         stats["rollout/rounds"] += 1
@@ -119,7 +121,7 @@ def rl_step(rt: Runtime, step: int) -> dict[str, float]:
     cfg, timing = rt.config, {}
     t0 = time.perf_counter()
     samples, metrics = sample_batch(rt, step)
-    timing["timing/rollout"] = time.perf_counter() - t0
+    timing["timing/rollout"] = time.perf_counter() - t0 - metrics["timing/rewards"]  # generation only
     mine = dp_shard(samples, rt.state.dp_rank, rt.state.dp_size)
     dp_group = mpu.get_data_parallel_group()
     sums: list[dict[str, torch.Tensor]] = []

@@ -1,0 +1,61 @@
+"""Group advantages, dynamic-sampling filter, micro-batch packing and the LR schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nsr_megatron.trainer.advantages import group_advantages, informative_groups
+from nsr_megatron.trainer.experience import Sample, dp_shard, mini_batches, pack_micro_batches
+from nsr_megatron.trainer.runtime import lr_at
+
+
+def test_group_advantages_by_hand() -> None:
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    std = math.sqrt(1 / 3)  # unbiased std of [1, 0, 0, 1]
+    a = group_advantages(r)
+    torch.testing.assert_close(a[0], torch.tensor([0.5, -0.5, -0.5, 0.5]) / (std + 1e-6))
+    assert torch.equal(a[1], torch.zeros(4))
+    torch.testing.assert_close(group_advantages(r, normalize_std=False)[0], torch.tensor([0.5, -0.5, -0.5, 0.5]))
+    assert informative_groups(r).tolist() == [True, False]
+    with pytest.raises(ValueError, match=r"rewards must be \[num_prompts, samples_per_prompt\], got shape \(4,\)"):
+        group_advantages(r[0])
+
+
+def _sample(uid: int, p: int, r: int) -> Sample:
+    return Sample(uid=uid, prompt_ids=list(range(10, 10 + p)), response_ids=list(range(50, 50 + r)),
+                  rollout_logprobs=[-0.5 - 0.1 * i for i in range(r)], reward=1.0, advantage=float(uid))
+
+
+def test_pack_micro_batches_aligns_targets_with_the_response() -> None:
+    samples = [_sample(0, 3, 2), _sample(1, 2, 4), _sample(2, 4, 1)]
+    mbs = pack_micro_batches(samples, max_tokens=16, pad_id=0, seq_multiple=4)
+    S = 8  # longest is 6 tokens, rounded up to a multiple of 4
+    assert [mb["tokens"].shape for mb in mbs] == [(2, S), (1, S)]
+    mb = mbs[0]
+    # sample 1: prompt [10, 11], response [50, 51, 52, 53]: targets 1..4 are the response tokens
+    assert mb["tokens"][1].tolist() == [10, 11, 50, 51, 52, 53, 0, 0]
+    assert mb["mask"][1].tolist() == [0, 1, 1, 1, 1, 0, 0]
+    assert mb["targets"][1][mb["mask"][1].bool()].tolist() == [50, 51, 52, 53]
+    assert mb["token_index"][1][mb["mask"][1].bool()].tolist() == [0, 1, 2, 3]
+    torch.testing.assert_close(mb["rollout_logprobs"][1][1:5], torch.tensor([-0.5, -0.6, -0.7, -0.8]))
+    assert mb["sample_ids"].tolist() == [0, 1] and mb["advantages"].tolist() == [0.0, 1.0]
+    assert mbs[1]["mask"].sum() == 1
+
+
+def test_sharding_and_mini_batches_cover_every_sample_once() -> None:
+    samples = [_sample(i, 2, 2) for i in range(10)]
+    shards = [dp_shard(samples, r, 3) for r in range(3)]
+    assert sorted(s.uid for shard in shards for s in shard) == list(range(10))
+    parts = mini_batches(samples, 3)
+    assert [len(p) for p in parts] == [4, 3, 3] and [s.uid for p in parts for s in p] == list(range(10))
+
+
+def test_lr_schedule() -> None:
+    kw = dict(lr=1.0, min_lr=0.1, warmup=2, total=10)
+    assert [lr_at(s, schedule="constant", **kw) for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
+    assert lr_at(2, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert lr_at(10, schedule="cosine", **kw) == pytest.approx(0.1)
+    assert lr_at(6, schedule="linear", **kw) == pytest.approx(0.55)
