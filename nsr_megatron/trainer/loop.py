@@ -152,8 +152,9 @@ def rl_step(rt: Runtime, step: int) -> dict[str, float]:
     t3 = time.perf_counter()
     sync_weights(rt)
     timing["timing/weight_sync"] = time.perf_counter() - t3
-    loss_stats = summarize_metrics(_reduce_to_all(sums))
-    loss_stats["loss"] = loss_stats.pop("loss_sum", 0.0) / max(1, len(grad_norms))
+    reduced = _reduce_to_all(sums)
+    loss_stats = summarize_metrics(reduced)
+    loss_stats["loss"] = reduced.get("loss_sum", 0.0) / max(1, len(grad_norms))  # mean over optimizer steps
     timing["timing/step"] = time.perf_counter() - t0
     return {**metrics, **loss_stats, "grad_norm": max(grad_norms, default=0.0), "lr": lr if grad_norms else 0.0,
             **timing}

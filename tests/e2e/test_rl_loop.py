@@ -52,6 +52,8 @@ def test_quickstart_learns(tmp_path: Path) -> None:
     for key in ("reward/mean", "response_length/mean", "loss", "clip_frac/upper", "clip_frac/lower",
                 "rescue_frac", "entropy", "grad_norm", "timing/rollout", "timing/train"):
         assert key in rows[0], f"metrics.jsonl lacks {key}"
+    assert any(r["loss"] != 0.0 for r in rows) and any(r["clip_frac"] > 0 for r in rows)
+    assert any(r["rescue_frac"] > 0 for r in rows), "NSR never rescued a token"
     first = sum(r["reward/mean"] for r in rows[:5]) / 5
     last = sum(r["reward/mean"] for r in rows[-5:]) / 5
     assert last >= first + 0.2, f"reward did not improve enough: first 5 steps {first:.3f}, last 5 {last:.3f}"
