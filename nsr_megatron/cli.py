@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -30,12 +29,6 @@ log = logging.getLogger("nsr_megatron")
 
 def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _quiet_third_party() -> None:
@@ -85,8 +78,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         config, arch = _prepare(config, Path(scratch))
         run = config.run
-        init = None if "RANK" in os.environ else f"tcp://127.0.0.1:{_free_port()}"
-        state = parallel.initialize(config.parallel, seed=run.seed, rank=None, world_size=None, init_method=init)
+        state = parallel.initialize(config.parallel, seed=run.seed)
         try:
             policy = build_model(arch, model=config.model, parallel=config.parallel, optimizer=config.optimizer)
             n_params = sum(p.numel() for p in policy.gpt.parameters())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -53,8 +54,12 @@ def initialize(
         rank = int(os.environ.get("RANK", "0")) if rank is None else rank
         world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
         if init_method is None and "MASTER_ADDR" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", "29500")
+            if world_size != 1:
+                raise RuntimeError(
+                    f"world size {world_size} without MASTER_ADDR/MASTER_PORT: launch with torchrun "
+                    "(e.g. torchrun --nproc_per_node 2 -m nsr_megatron.cli ...)."
+                )
+            init_method = f"tcp://127.0.0.1:{_free_port()}"  # a single process: any free loopback port
         dist.init_process_group(
             backend=info.backend,
             init_method=init_method,
@@ -85,6 +90,12 @@ def initialize(
         dp_rank=mpu.get_data_parallel_rank(),
         dp_size=mpu.get_data_parallel_world_size(),
     )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def destroy() -> None:
