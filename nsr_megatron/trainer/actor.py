@@ -116,24 +116,32 @@ def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-@torch.no_grad()
-def forward_logits(bundle: ModelBundle, micro_batches: list[MicroBatch]) -> list[torch.Tensor] | None:
-    """Full-vocabulary logits [B, S, V] (fp32) per micro-batch on the last pipeline stage, else None."""
+def _forward_only(
+    bundle: ModelBundle, micro_batches: list[MicroBatch], per_batch: Callable[[torch.Tensor, MicroBatch], torch.Tensor]
+) -> list[torch.Tensor] | None:
+    """``per_batch(logits, micro_batch)`` for every micro-batch, in eval mode without gradients; the results
+    on the last pipeline stage, None elsewhere."""
     from megatron.core import parallel_state as mpu
 
     captured: list[torch.Tensor] = []
 
     def capture(logits: torch.Tensor, batch: MicroBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        captured.append(gather_vocab(logits.float()))
+        captured.append(per_batch(logits, batch))
         return logits.sum() * 0.0, {}
 
     was_training = bundle.module.training
     bundle.module.eval()
     try:
-        forward_backward(bundle, micro_batches, capture, forward_only=True)
+        with torch.no_grad():
+            forward_backward(bundle, micro_batches, capture, forward_only=True)
     finally:
         bundle.module.train(was_training)
     return captured if mpu.is_pipeline_last_stage() else None
+
+
+def forward_logits(bundle: ModelBundle, micro_batches: list[MicroBatch]) -> list[torch.Tensor] | None:
+    """Full-vocabulary logits [B, S, V] (fp32) per micro-batch on the last pipeline stage, else None."""
+    return _forward_only(bundle, micro_batches, lambda logits, _: gather_vocab(logits.float()))
 
 
 def _tp_group() -> Any:
@@ -142,31 +150,20 @@ def _tp_group() -> Any:
     return mpu.get_tensor_model_parallel_group() if mpu.get_tensor_model_parallel_world_size() > 1 else None
 
 
-@torch.no_grad()
 def token_logprobs(bundle: ModelBundle, micro_batches: list[MicroBatch], *, temperature: float) -> list[torch.Tensor] | None:
     """log softmax(logits / T)[target] per micro-batch, [B, T] fp32, on the last pipeline stage (else None).
 
     Used for the old policy's log-probs (recomputed by the trainer) and the reference model's.
     """
-    from megatron.core import parallel_state as mpu
-
     from nsr_megatron.losses import vocab_parallel_logprobs_entropy
 
-    captured: list[torch.Tensor] = []
     group = _tp_group()
 
-    def capture(logits: torch.Tensor, batch: MicroBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def logprobs(logits: torch.Tensor, batch: MicroBatch) -> torch.Tensor:
         lp, _ = vocab_parallel_logprobs_entropy(logits[:, :-1], batch["targets"], group=group, temperature=temperature)
-        captured.append(lp.float().cpu())
-        return logits.sum() * 0.0, {}
+        return lp.float().cpu()
 
-    was_training = bundle.module.training
-    bundle.module.eval()
-    try:
-        forward_backward(bundle, micro_batches, capture, forward_only=True)
-    finally:
-        bundle.module.train(was_training)
-    return captured if mpu.is_pipeline_last_stage() else None
+    return _forward_only(bundle, micro_batches, logprobs)
 
 
 def policy_loss_fn(
