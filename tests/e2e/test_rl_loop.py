@@ -99,8 +99,8 @@ def test_resume_after_kill_is_exact(tmp_path: Path) -> None:
         assert torch.equal(wa[name], wb[name]), f"final weight {name} differs after resume"
 
 
-@pytest.mark.parametrize("layout", [["parallel.tp=2", "parallel.sequence_parallel=true"], ["parallel.ep=2"]],
-                         ids=["tp2", "ep2"])
+@pytest.mark.parametrize("layout", [["parallel.tp=2", "parallel.sequence_parallel=true"], ["parallel.ep=2"],
+                                    ["parallel.pp=2"]], ids=["tp2", "ep2", "pp2"])
 def test_torchrun_layouts_match_single_process(tmp_path: Path, layout: list[str]) -> None:
     common = ["--no-progress", "run.steps=2", "rollout.prompts_per_step=8", "rollout.samples_per_prompt=4"]
     single, multi = tmp_path / "single", tmp_path / "multi"
