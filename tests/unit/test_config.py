@@ -95,6 +95,16 @@ def test_fp8_without_cuda_or_te() -> None:
     check(MOE, world=1, model=fp8, cuda=True, te=True)
 
 
+def test_transformer_engine_requested_without_it() -> None:
+    te = ModelConfig(transformer_impl="transformer_engine")
+    with pytest.raises(ConfigError, match=r"transformer_impl='transformer_engine' but Transformer Engine with CUDA is not available"):
+        check(MOE, world=1, model=te, cuda=True, te=False)
+    from nsr_megatron.models.provider import use_transformer_engine
+
+    assert use_transformer_engine(ModelConfig(transformer_impl="local")) is False
+    assert use_transformer_engine(ModelConfig(transformer_impl="auto")) is False  # no TE + CUDA on this machine
+
+
 def test_single_field_errors() -> None:
     with pytest.raises(ConfigError, match=r"parallel.tp=0 must be a positive integer"):
         ParallelConfig(tp=0)
