@@ -27,7 +27,6 @@ from tqdm import tqdm
 from nsr_megatron.config import read_hf_config
 from nsr_megatron.convert.io import (
     INDEX_FILE,
-    META_FILE,
     WEIGHT_SUFFIXES,
     DistCheckpointReader,
     HFCheckpoint,
@@ -35,6 +34,7 @@ from nsr_megatron.convert.io import (
     SafetensorsWriter,
     commit_checkpoint_dir,
     copy_hf_side_files,
+    fsync_files,
     write_dist_checkpoint,
     write_hf_index,
 )
@@ -292,8 +292,9 @@ def mcore_to_hf(
                     n = writer.write(rule.hf_names[j], tensor.to(out_dtype))
                     bar.update(n)
                     total += n
-            writer.close()
+            writer.close(sync=False)
             weight_map.update({n: file for n, _, _ in entries})
+        fsync_files(out_dir / f for f in sorted(set(weight_map.values())))
     write_hf_index(out_dir, weight_map, total)
     copy_hf_side_files(config_dir, out_dir)
     _set_config_dtype(out_dir / "config.json", out_dtype)
@@ -313,11 +314,3 @@ def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")
-
-
-def read_checkpoint_meta(step_dir: Path) -> dict[str, Any]:
-    path = step_dir / META_FILE
-    if not path.is_file():
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return dict(json.load(f))

@@ -368,3 +368,27 @@ def test_in_memory_state_dict_helpers_round_trip(models: dict[str, Path], name: 
     )  # stacked when dense
     back = canonical_to_hf_state(arch, canonical)
     assert sorted(back) == sorted(hf) and all(torch.equal(back[k], v) for k, v in hf.items())
+
+
+def test_te_moe_norm_alias_and_tied_lm_head_are_accepted(models: dict[str, Path]) -> None:
+    """A Transformer Engine MoE layer stores its pre-MLP norm as ``pre_mlp_layernorm.weight``; a tied
+    HF checkpoint may still carry ``lm_head.weight`` (ignored)."""
+    from nsr_megatron.config import read_hf_config
+    from nsr_megatron.convert import canonical_to_hf_state, hf_state_to_canonical
+
+    arch = arch_from_hf(read_hf_config(models["qwen3-moe"]))
+    hf = read_all(models["qwen3-moe"])
+    canonical = hf_state_to_canonical(arch, hf)
+    canonical["decoder.layers.1.pre_mlp_layernorm.weight"] = canonical.pop(
+        "decoder.layers.1.mlp.linear_fc1.layer_norm_weight"
+    )
+    back = canonical_to_hf_state(arch, canonical)
+    assert torch.equal(
+        back["model.layers.1.post_attention_layernorm.weight"],
+        hf["model.layers.1.post_attention_layernorm.weight"],
+    )
+
+    tied = arch_from_hf(read_hf_config(models["qwen2-tied"]))
+    hf_tied = read_all(models["qwen2-tied"])
+    with_head = {**hf_tied, "lm_head.weight": hf_tied["model.embed_tokens.weight"]}
+    assert "output_layer.weight" not in hf_state_to_canonical(tied, with_head)
