@@ -65,6 +65,11 @@ def arch_from_hf(hf: dict[str, Any]) -> ArchSpec:
             "use_sliding_window=true is not supported; set use_sliding_window=false in config.json "
             "(Qwen checkpoints ship it disabled)."
         )
+    if model_type in ("qwen3", "qwen3_moe") and hf.get("attention_bias"):
+        raise ConfigError(
+            f"attention_bias=true with model_type={model_type!r} (biases on q/k/v and o_proj) is not supported: the "
+            "output projection has no bias in megatron's layer spec here; use a checkpoint with attention_bias=false."
+        )
     hidden = int(hf["hidden_size"])
     heads = int(hf["num_attention_heads"])
     layers = int(hf["num_hidden_layers"])
@@ -92,7 +97,7 @@ def arch_from_hf(hf: dict[str, Any]) -> ArchSpec:
         rope_theta=float(rope_theta),
         max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+        qkv_bias=model_type == "qwen2",
         qk_norm=model_type in ("qwen3", "qwen3_moe"),
         init_std=float(hf.get("initializer_range", 0.02)),
         num_experts=experts,

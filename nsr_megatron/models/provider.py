@@ -54,11 +54,17 @@ def _local_layer_spec(arch: ArchSpec, moe: bool) -> Any:
 def _te_layer_spec(arch: ArchSpec, moe: bool, model: ModelConfig) -> Any:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-    return get_gpt_layer_with_transformer_engine_spec(
+    spec = get_gpt_layer_with_transformer_engine_spec(
         num_experts=arch.num_experts if moe else None,
         moe_grouped_gemm=model.moe_grouped_gemm,
         qk_layernorm=arch.qk_norm,
     )
+    if moe:  # store the MoE layers' pre-MLP norm under the same key as the local spec (and dense TE layers)
+        spec.submodules.sharded_state_dict_keys_map = {
+            **(spec.submodules.sharded_state_dict_keys_map or {}),
+            "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+        }
+    return spec
 
 
 def layer_specs(arch: ArchSpec, model: ModelConfig, config: Any) -> Any:

@@ -25,10 +25,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from nsr_megatron.convert.io import META_FILE, commit_checkpoint_dir
+
 __all__ = ["latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-META_FILE = "nsr_meta.json"
 _OPT_META = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
 
@@ -95,13 +96,7 @@ def save_checkpoint(
             "has_optimizer": optimizer is not None,
             "meta": meta or {},
         }
-        with open(tmp / META_FILE, "w", encoding="utf-8") as f:
-            json.dump(info, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        if final.exists():  # re-saving the same step: replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        commit_checkpoint_dir(tmp, final, info)
         if keep_last:
             for old in _complete_checkpoints(root)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
