@@ -4,18 +4,23 @@
     python bench/bench_losses.py --tokens 4194304 --lp-tokens 8192 --device cuda
 
 1. Forward + backward of ``policy_loss`` for dapo, nsr and nsr-decay on ``--tokens`` tokens
-   (rows of ``--seq-len``; log-ratios ~ N(0, 0.1^2), about 2% of tokens clipped, 90% of tokens unmasked).
+   (rows of ``--seq-len``; log-ratios ~ N(0, 0.1^2), about 1% of tokens clipped, 90% of tokens unmasked).
    Target: nsr <= 1.10 x dapo in time and memory.
 2. Forward + backward of per-token log-probs from logits [--lp-tokens, --vocab]: our op
    (:func:`vocab_parallel_logprobs_entropy`, one process, full vocabulary) against the naive
    ``log_softmax(logits.float() / T).gather(target)``; both also with the entropy as a second output.
    Target: ours <= 0.5 x naive peak memory, and no slower.
 
-Times: all variants of a suite run interleaved in one subprocess (one warm-up each, then ``--repeats``
-rounds), so drifting machine load hits them alike; the ratios are of medians. Memory: every variant in a
-fresh subprocess; on CPU it is the growth of the process's peak resident set size (VmHWM, reset through
-/proc/self/clear_refs once the inputs exist) over a warm-up and one run: what the operation needs on top of
-its inputs, temporaries and the returned gradient included. On CUDA it is max_memory_allocated() growth.
+Times: all variants of a suite run interleaved in one subprocess (one warm-up each, then
+``--loss-repeats`` or ``--lp-repeats`` rounds, the order rotating every round), so drifting machine load
+hits them alike; the ratios are of medians. Both wall time and process CPU time (``time.process_time``:
+all threads, but not the time spent waiting for a core on a shared machine) are reported.
+Memory: every variant in a fresh subprocess; on CPU it is the growth of the process's peak resident set
+size (VmHWM, reset through /proc/self/clear_refs once the inputs exist) over a warm-up and one run, with
+glibc told to mmap every block >= 64 KiB (MALLOC_MMAP_THRESHOLD_) so that freed tensors leave the RSS
+at once and heap fragmentation does not count: what the operation needs on top of its inputs,
+temporaries and the returned gradient included. On CUDA it is
+the growth of torch.cuda.max_memory_allocated().
 """
 
 from __future__ import annotations
@@ -118,7 +123,9 @@ def lp_setup(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
         def step() -> None:
             logits.grad = None
             if variant.startswith("ours"):
-                lp, ent = vocab_parallel_logprobs_entropy(logits, targets, temperature=temperature)
+                lp, ent = vocab_parallel_logprobs_entropy(
+                    logits, targets, temperature=temperature, chunk_size=args.lp_chunk
+                )
             else:
                 logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # [N, V]
                 lp = logp.gather(1, targets[:, None]).squeeze(1)
@@ -137,8 +144,8 @@ SETUPS = {"loss": loss_setup, "logprob": lp_setup}
 
 
 def worker(mode: str, kind: str, variant: str, args: argparse.Namespace) -> dict[str, Any]:
-    """``time``: all variants of ``kind`` interleaved in this process, one warm-up each, then ``repeats``
-    rounds; ``memory``: one variant, peak growth over a warm-up and one run."""
+    """``time``: all variants of ``kind`` interleaved in this process, one warm-up each, then the repeats;
+    ``memory``: one variant, peak growth over a warm-up and one run."""
     device = torch.device(args.device)
     steps = SETUPS[kind](args)
     if mode == "memory":
@@ -148,23 +155,30 @@ def worker(mode: str, kind: str, variant: str, args: argparse.Namespace) -> dict
             steps[variant]()
         return {"peak_mib": meter.stop(), **INFO}
     times: dict[str, list[float]] = {v: [] for v in steps}
+    cpu: dict[str, list[float]] = {v: [] for v in steps}
     for step in steps.values():
         step()  # warm-up
-    for _ in range(args.repeats):
-        for v, step in steps.items():
+    names = list(steps)
+    for r in range(args.loss_repeats if kind == "loss" else args.lp_repeats):
+        for v in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order: no position bias
+            step = steps[v]
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times[v].append(time.perf_counter() - t0)
-    return {"times": times, **INFO}
+            cpu[v].append(time.process_time() - c0)
+    return {"times": times, "cpu": cpu, **INFO}
 
 
 def run_worker(mode: str, kind: str, variant: str, argv: list[str]) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", f"{mode}:{kind}:{variant}"]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ})
+    env = dict(os.environ)
+    if mode == "memory":  # glibc: serve every block >= 64 KiB by mmap, so freed tensors leave the RSS at once
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -177,8 +191,12 @@ def main() -> None:
     )
     p.add_argument("--vocab", type=int, default=151936, help="vocabulary (Qwen2.5 / Qwen3)")
     p.add_argument("--lp-dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument(
+        "--lp-chunk", type=int, default=None, help="tokens per chunk of our op (default: automatic)"
+    )
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per variant, interleaved")
+    p.add_argument("--loss-repeats", type=int, default=15, help="timed loss runs per variant, interleaved")
+    p.add_argument("--lp-repeats", type=int, default=3, help="timed log-prob runs per variant, interleaved")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--only", choices=("loss", "logprob"), default=None)
@@ -192,13 +210,14 @@ def main() -> None:
     argv = [a for a in sys.argv[1:] if a]
     suites = {"loss": (LOSS_VARIANTS, "dapo"), "logprob": (LP_VARIANTS, "naive")}
     print(f"torch {torch.__version__}, device {args.device}, {args.threads} threads; time: median of "
-          f"{args.repeats} interleaved runs in one process; memory: peak growth in a fresh process "
-          "per variant")  # fmt: skip
+          f"{args.loss_repeats} (loss) / {args.lp_repeats} (log-prob) interleaved runs in one process; "
+          "memory: peak growth in a fresh process per variant")  # fmt: skip
     for kind, (variants, base) in suites.items():
         if args.only and args.only != kind:
             continue
         timing = run_worker("time", kind, "all", argv)
         med = {v: statistics.median(ts) for v, ts in timing["times"].items()}
+        cpu = {v: statistics.median(ts) for v, ts in timing["cpu"].items()}
         mem = {v: run_worker("memory", kind, v, argv)["peak_mib"] for v in variants}
         if kind == "loss":
             print(f"\npolicy_loss forward+backward, {args.tokens} tokens ({args.tokens // args.seq_len} x "
@@ -207,8 +226,9 @@ def main() -> None:
             print(f"\nlog-prob forward+backward, logits [{args.lp_tokens} x {args.vocab}] {args.lp_dtype}")
         for v in variants:
             ref = "naive+entropy" if v == "ours+entropy" else base
-            print(f"  {v:14s} {med[v] * 1e3:9.1f} ms  (x{med[v] / med[ref]:.3f} of {ref})   "
-                  f"peak +{mem[v]:9.1f} MiB  (x{mem[v] / mem[ref]:.3f} of {ref})")  # fmt: skip
+            print(f"  {v:14s} wall {med[v] * 1e3:8.1f} ms (x{med[v] / med[ref]:.3f})  "
+                  f"cpu {cpu[v] * 1e3:8.1f} ms (x{cpu[v] / cpu[ref]:.3f})  "
+                  f"peak +{mem[v]:7.1f} MiB (x{mem[v] / mem[ref]:.3f})   ratios vs {ref}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from nsr_megatron.losses.rng import SEQUENCE_INDEX, uniform
+from nsr_megatron.losses.rng import SEQUENCE_INDEX, row_keys, uniform_from_keys
 
 __all__ = [
     "PRESETS",
@@ -233,10 +233,10 @@ class PolicyLossConfig:
              f"must be below mis_high={v.mis_high!r}", "swap or widen the bounds"),
             ("kl_coef", isinstance(v.kl_coef, real) and v.kl_coef >= 0.0,
              "must be >= 0", "use 0 (no KL penalty) or e.g. 1e-3"),
-            ("hist_edges", isinstance(v.hist_edges, tuple) and len(v.hist_edges) >= 2
+            ("hist_edges", isinstance(v.hist_edges, tuple) and 2 <= len(v.hist_edges) <= 64
              and all(isinstance(e, real) for e in v.hist_edges)
              and all(b > a for a, b in itertools.pairwise(v.hist_edges)),
-             "must be at least 2 strictly increasing numbers", "use e.g. (-1, 0, 1)"),
+             "must be 2 to 64 strictly increasing numbers", "use e.g. (-1, 0, 1)"),
             ("rescue", v.rescue == "off" or v.surrogate == "clip",
              "needs surrogate='clip' (CISPO never drops a token)", "use rescue='off'"),
             ("rescued_value", v.rescued_value == "ratio" or v.rescue != "stochastic" or v.profile == "noise",
@@ -578,22 +578,22 @@ def _rescue(
         weight[rows, cols] = p_k.to(weight.dtype)
     else:
         assert sample_ids is not None and step is not None
+        keys = row_keys(cfg.seed, step, sample_ids)[rows.to(sample_ids.device)].to(rows.device)  # [K]
         if cfg.rescue_level == "sequence":
-            index: Tensor | int = SEQUENCE_INDEX
+            u_k = uniform_from_keys(keys, SEQUENCE_INDEX)  # [K] float64 in [0, 1)
         else:
-            index = cols if token_index is None else token_index[rows, cols]
-        u_k = uniform(cfg.seed, step, sample_ids.to(rows.device)[rows], index)  # [K] float64 in [0, 1)
+            u_k = uniform_from_keys(keys, cols if token_index is None else token_index[rows, cols])
         if cfg.profile == "noise":
-            noise_k = 1.0 - cfg.sigma + 2.0 * cfg.sigma * u_k  # [K] u ~ U(1 - sigma, 1 + sigma)
+            noise_k = u_k.mul_(2.0 * cfg.sigma).add_(1.0 - cfg.sigma)  # [K] u ~ U(1 - sigma, 1 + sigma)
             noisy_k = noise_k * r_k
             hit = side_k & (noisy_k >= 1.0 - cfg.eps_low) & (noisy_k <= 1.0 + cfg.eps_high)  # [K]
         else:
             noise_k, hit = torch.ones_like(u_k), u_k < p_k
         rescued_k = hit.to(f64)
-        rows, cols = rows[hit], cols[hit]
-        scale = noise_k[hit] if cfg.rescued_value == "noisy_ratio" else torch.ones_like(r_k[hit])
-        value[rows, cols] = (scale * r_k[hit]).to(value.dtype)  # v = r (or u r)
-        weight[rows, cols] = scale.to(weight.dtype)  # w = 1 (or u)
+        # rescued: v = r, w = 1 (or the noisy ratio: v = u r, w = u); the others keep v = clip(r), w = 0
+        scale_k = rescued_k * noise_k if cfg.rescued_value == "noisy_ratio" else rescued_k  # [K]
+        value[rows, cols] = torch.where(hit, scale_k * r_k, value[rows, cols].to(f64)).to(value.dtype)
+        weight[rows, cols] = scale_k.to(weight.dtype)
     sums["rescue/upper_sum"] = (rescued_k * up_k).sum()
     sums["rescue/lower_sum"] = (rescued_k * ~up_k).sum()
     sums["rescue/grad_mass_sum"] = (rescued_k * mass_k).sum()
@@ -610,15 +610,14 @@ def _ratio_stats(
     sums["ratio/abs_dev_sum"] = (rv - 1.0).abs_().mul_(m).sum().to(f64)
     sums["kl_old_sum"] = (tok_ratio - lr).sub_(1.0).mul_(m).sum().to(f64)
     lo, hi = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
-    weights = m.flatten()
-    # (r - hi) / eps_high >= e  <=>  r >= hi + eps_high e;  (lo - r) / eps_low >= e  <=>  -r >= eps_low e - lo
-    for side, x, edges in (
-        ("upper", rv, [hi + cfg.eps_high * e for e in cfg.hist_edges]),
-        ("lower", -rv, [cfg.eps_low * e - lo for e in cfg.hist_edges]),
-    ):
-        bins = torch.bucketize(
-            x.contiguous(), torch.tensor(edges, dtype=x.dtype, device=x.device), right=True
-        )
-        counts = torch.bincount(bins.flatten(), weights=weights, minlength=len(edges) + 1)  # [E + 1]
+    valid = m > 0  # [B, T]
+    # (r - hi) / eps_high >= e  <=>  r >= hi + eps_high e;  (lo - r) / eps_low >= e  <=>  r <= lo - eps_low e.
+    # The bin index is the number of edges passed (a uint8 sum of comparisons: faster than bucketize on CPU).
+    for side, upper in (("upper", True), ("lower", False)):
+        bins = torch.zeros(rv.shape, dtype=torch.uint8, device=rv.device)  # [B, T]
+        for e in cfg.hist_edges:
+            bins += rv >= hi + cfg.eps_high * e if upper else rv <= lo - cfg.eps_low * e
+        bins *= valid  # masked tokens -> bin 0 (below the first edge), which is not reported
+        counts = torch.bincount(bins.flatten(), minlength=len(cfg.hist_edges) + 1)  # [E + 1]
         for k, edge in enumerate(cfg.hist_edges):  # bin k + 1 covers [edges[k], edges[k + 1])
             sums[f"ratio_hist/{side}/{edge:+g}_sum"] = counts[k + 1].to(f64)

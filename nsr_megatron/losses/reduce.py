@@ -134,9 +134,9 @@ def summarize_metrics(sums: Mapping[str, Tensor | float]) -> dict[str, float]:
         elif key.startswith("ratio_hist/"):
             out[key.removesuffix("_sum")] = ratio(value, tokens)
     out["clip_frac"] = ratio(total("clip"), tokens)
+    out["rescue_frac"] = ratio(total("rescue"), tokens)  # always logged (0 for CISPO, which drops nothing)
     if "rescue/upper_sum" in s:
         out["band_frac"] = ratio(total("band"), tokens)
-        out["rescue_frac"] = ratio(total("rescue"), tokens)
         out["rescue_frac_of_clipped"] = ratio(total("rescue"), total("clip"))
         out["rescue/grad_mass"] = ratio(s["rescue/grad_mass_sum"], s.get("clip/grad_mass_sum", 0.0))
     if "mis/masked_sum" in s:

@@ -138,7 +138,8 @@ def rl_step(rt: Runtime, step: int) -> dict[str, float]:
     timing["timing/logprobs"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     for k, micro in enumerate(batches):
-        den = global_sums([loss_denominators(cfg.loss, mb["mask"]) for mb in micro], [dp_group])
+        den = global_sums([loss_denominators(cfg.loss, mb["mask"], old_logprobs=mb["old_logprobs"],
+                                             rollout_logprobs=mb["rollout_logprobs"]) for mb in micro], [dp_group])
         loss_fn = actor.policy_loss_fn(cfg.loss, step=step, temperature=cfg.rollout.temperature,
                                        global_num_tokens=den["tokens"], global_num_seqs=den["seqs"],
                                        scale=float(len(micro) * rt.state.dp_size))

@@ -144,7 +144,7 @@ def test_unknown_name_lists_valid_names() -> None:
         ),
         (
             {"hist_edges": (0.0, 0.0)},
-            "PolicyLossConfig.hist_edges=(0.0, 0.0) must be at least 2 strictly increasing numbers",
+            "PolicyLossConfig.hist_edges=(0.0, 0.0) must be 2 to 64 strictly increasing numbers",
         ),
         (
             {"surrogate": "cispo"},

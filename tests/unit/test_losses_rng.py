@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nsr_megatron.losses.rng import SEQUENCE_INDEX, hash64, mix64, mix64_int, uniform
+from nsr_megatron.losses.rng import (
+    SEQUENCE_INDEX,
+    hash64,
+    mix64,
+    mix64_int,
+    row_keys,
+    uniform,
+    uniform_from_keys,
+)
 
 U64 = (1 << 64) - 1
 
@@ -71,3 +79,11 @@ def test_uniform_never_touches_the_global_generator() -> None:
 def test_mix64_rejects_non_int64() -> None:
     with pytest.raises(ValueError, match="convert with .long()"):
         mix64(torch.arange(3, dtype=torch.int32))
+
+
+def test_row_keys_then_tokens_equals_the_one_shot_hash() -> None:
+    ids = torch.tensor([3, 99, -5, 2**40])
+    tok = torch.tensor([[0, 1, 7], [2, 2, 2], [5, 0, 1], [9, 8, 7]])
+    keys = row_keys(13, 4, ids)  # [4]
+    assert torch.equal(uniform_from_keys(keys[:, None], tok), uniform(13, 4, ids[:, None], tok))
+    assert torch.equal(uniform_from_keys(keys, SEQUENCE_INDEX), uniform(13, 4, ids, SEQUENCE_INDEX))
