@@ -144,14 +144,15 @@ def test_failing_and_hanging_rewards_score_zero(tmp_path: Path) -> None:
 def test_kl_reference_dynamic_sampling_and_rollout_logprobs(tmp_path: Path) -> None:
     run_dir = tmp_path / "opts"
     proc = run_cli("quickstart", "--no-progress", f"run.run_dir={run_dir}", "run.steps=2", "loss.name=grpo",
-                   "loss.kl_coef=0.01", "algorithm.dynamic_sampling=true", "algorithm.max_sampling_rounds=3",
+                   "loss.kl_coef=0.01", "loss.tis_cap=2.0", "loss.mis_low=0.5", "loss.mis_high=2.0",
+                   "algorithm.dynamic_sampling=true", "algorithm.max_sampling_rounds=3",
                    "algorithm.old_logprobs=rollout", "optimizer.warmup_steps=4", "optimizer.lr_schedule=cosine",
                    "rollout.prompts_per_step=8", "rollout.samples_per_prompt=4")
     _ok(proc)
     rows = read_metrics(run_dir)
     assert len(rows) == 2
     for r in rows:
-        assert "kl_ref" in r and r["kl_ref"] >= 0.0
+        assert "kl_ref" in r and r["kl_ref"] >= 0.0 and r["tis/weight_mean"] == pytest.approx(1.0)
         assert 1 <= r["rollout/rounds"] <= 3
         assert r["rollout/kept_groups"] <= 8
     assert rows[0]["lr"] == pytest.approx(0.5 * rows[1]["lr"])  # linear warm-up over 4 optimizer steps
