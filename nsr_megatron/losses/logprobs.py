@@ -37,7 +37,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 __all__ = ["vocab_parallel_logprobs_entropy"]
 
 # Default chunk, in logits: on CPU 2**22 (16 MiB of fp32) so a chunk's passes stay in the last-level cache
-# (log-prob + entropy on [512 x 151936]: 0.64 s against 0.99 s with 128 MiB chunks, bench/RESULTS_losses.md);
+# (log-prob + entropy on [512 x 151936]: 0.64 s against 0.99 s with 128 MiB chunks, bench/RESULTS.md);
 # on accelerators 2**25 (128 MiB per temporary: few, large kernels).
 _CHUNK_ELEMENTS = {"cpu": 1 << 22}
 _CHUNK_ELEMENTS_ACCELERATOR = 1 << 25
