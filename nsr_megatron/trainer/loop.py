@@ -204,9 +204,7 @@ def _reduce_to_all(per_micro: list[dict[str, torch.Tensor]]) -> dict[str, float]
 
 def sync_weights(rt: Runtime) -> None:
     """Push the policy's weights to the rollout engine through the HF mapping (the path SGLang uses)."""
-    from nsr_megatron.convert.mapping import canonical_to_hf, weight_rules
+    from nsr_megatron.convert.mapping import canonical_to_hf_state
     from nsr_megatron.models.state import canonical_state
 
-    full = canonical_state(rt.policy.module)
-    named = (item for rule in weight_rules(rt.arch) for item in canonical_to_hf(rule, full[rule.key]).items())
-    rt.engine.update_weights(named)
+    rt.engine.update_weights(canonical_to_hf_state(rt.arch, canonical_state(rt.policy.module)))

@@ -62,7 +62,7 @@ def hf_weights_to_canonical(hf_dir: str | os.PathLike[str], arch: ArchSpec) -> d
     """Read an HF checkpoint's safetensors into canonical (megatron dist-checkpoint) tensors."""
     from safetensors import safe_open
 
-    from nsr_megatron.convert.mapping import check_hf_tensors, hf_to_canonical, weight_rules
+    from nsr_megatron.convert.mapping import hf_state_to_canonical
 
     hf_dir = Path(hf_dir)
     files = sorted(hf_dir.glob("*.safetensors"))
@@ -76,11 +76,7 @@ def hf_weights_to_canonical(hf_dir: str | os.PathLike[str], arch: ArchSpec) -> d
         with safe_open(str(f), framework="pt") as sf:
             for name in sf.keys():
                 tensors[name] = sf.get_tensor(name)
-    rules = weight_rules(arch)
-    check_hf_tensors(
-        rules, {k: tuple(v.shape) for k, v in tensors.items()}, tied=arch.tie_word_embeddings, where=str(hf_dir)
-    )
-    return {rule.key: hf_to_canonical(rule, tensors).float() for rule in rules}
+    return {k: v.float() for k, v in hf_state_to_canonical(arch, tensors).items()}
 
 
 def _make_engine(config: Config, state: ParallelState) -> Any:
