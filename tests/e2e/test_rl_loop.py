@@ -156,3 +156,12 @@ def test_kl_reference_dynamic_sampling_and_rollout_logprobs(tmp_path: Path) -> N
         assert 1 <= r["rollout/rounds"] <= 3
         assert r["rollout/kept_groups"] <= 8
     assert rows[0]["lr"] == pytest.approx(0.5 * rows[1]["lr"])  # linear warm-up over 4 optimizer steps
+
+
+def test_dense_tied_qwen2_trains(tmp_path: Path) -> None:
+    run_dir = tmp_path / "qwen2"
+    _ok(run_cli("quickstart", "--no-progress", f"run.run_dir={run_dir}", "run.steps=2", "model.tiny.model_type=qwen2",
+                "model.tiny.architectures=[Qwen2ForCausalLM]", "model.tiny.tie_word_embeddings=true",
+                "rollout.prompts_per_step=8", "rollout.samples_per_prompt=4"))
+    rows = read_metrics(run_dir)
+    assert len(rows) == 2 and rows[0]["grad_norm"] > 0
