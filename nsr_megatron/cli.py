@@ -40,6 +40,7 @@ def _quiet_third_party() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*all_gather_into_tensor.*")
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*reduce_scatter_tensor.*")
     warnings.filterwarnings("ignore", message=".*grad attribute of a Tensor that is not a leaf.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*deprecating ShardedTensor.*")
 
 
 def _prepare(config: Config, scratch: Path) -> tuple[Any, Any]:
