@@ -56,7 +56,7 @@ def _prepare(config: Config, scratch: Path) -> tuple[Any, Any]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.overrides)
+    config: Config = load_config(args.config, args.overrides)
     with tempfile.TemporaryDirectory() as d:
         _, arch = _prepare(config, Path(d))
     print(
@@ -75,7 +75,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     from nsr_megatron.models.provider import build_model
     from nsr_megatron.trainer import actor
 
-    config = load_config(args.config, args.overrides)
+    config: Config = load_config(args.config, args.overrides)
     with tempfile.TemporaryDirectory() as scratch:
         config, arch = _prepare(config, Path(scratch))
         run = config.run
@@ -184,7 +184,7 @@ def prepare_quickstart(config: Config, *, task: str, num_prompts: int) -> Config
 def cmd_train(args: argparse.Namespace) -> int:
     from nsr_megatron.trainer.loop import train
 
-    config = load_config(args.config, args.overrides)
+    config: Config = load_config(args.config, args.overrides)
     if getattr(args, "quickstart", False):
         config = prepare_quickstart(config, task=args.task, num_prompts=args.num_prompts)
     if not config.model.hf_path or not config.data.path:

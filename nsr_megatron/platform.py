@@ -217,32 +217,24 @@ def install_cpu_compat() -> bool:
 
     # Part 1 and 3 and 4: answers for torch.cuda functions that fail without CUDA.
     cuda = torch.cuda
-    _INSTALLED["torch.cuda"] = {
-        name: getattr(cuda, name)
-        for name in (
-            "current_device",
-            "Stream",
-            "Event",
-            "current_stream",
-            "stream",
-            "synchronize",
-            "get_rng_state",
-            "set_rng_state",
-            "manual_seed",
-            "manual_seed_all",
-        )
+    def _seed(seed: int) -> None:  # torch.manual_seed itself calls torch.cuda.manual_seed_all
+        torch.default_generator.manual_seed(int(seed))
+
+    replacements: dict[str, Any] = {
+        "current_device": lambda: _CPU,
+        "Stream": _NullStream,
+        "Event": _NullEvent,
+        "current_stream": lambda device=None: _NULL_STREAM,
+        "stream": lambda stream=None: contextlib.nullcontext(),
+        "synchronize": lambda device=None: None,
+        "get_rng_state": lambda device="cuda": torch.get_rng_state(),
+        "set_rng_state": lambda new_state, device="cuda": torch.set_rng_state(new_state),
+        "manual_seed": _seed,
+        "manual_seed_all": _seed,
     }
-    cuda.current_device = lambda: _CPU  # type: ignore[assignment,return-value]
-    cuda.Stream = _NullStream  # type: ignore[assignment,misc]
-    cuda.Event = _NullEvent  # type: ignore[assignment,misc]
-    cuda.current_stream = lambda device=None: _NULL_STREAM  # type: ignore[assignment]
-    cuda.stream = lambda stream=None: contextlib.nullcontext()  # type: ignore[assignment]
-    cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
-    cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()  # type: ignore[assignment]
-    cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)  # type: ignore[assignment]
-    # torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the CPU generator directly.
-    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed)) and None  # type: ignore[assignment]
-    cuda.manual_seed_all = cuda.manual_seed  # type: ignore[assignment]
+    _INSTALLED["torch.cuda"] = {name: getattr(cuda, name) for name in replacements}
+    for name, value in replacements.items():
+        setattr(cuda, name, value)
 
     # Part 4: megatron-core's RNG tracker.
     from megatron.core.tensor_parallel import random as mcore_random

@@ -6,4 +6,5 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=$(bash "$ROOT/scripts/setup_env.sh" | tail -n 1)
 cd "$ROOT"
 "$PY" -m ruff check .
+"$PY" -m mypy
 exec "$PY" -m pytest "$@"

@@ -99,18 +99,17 @@ class ModelBundle:
     role: Literal["policy", "reference"]
     arch: ArchSpec
     config: Any  # TransformerConfig
-    module: torch.nn.Module  # DDP-wrapped GPTModel (policy) or bare GPTModel (reference)
+    module: Any  # megatron DDP-wrapped GPTModel (policy) or bare GPTModel (reference)
     optimizer: Any = None  # megatron MegatronOptimizer
     offloaded: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def gpt(self) -> torch.nn.Module:
+    def gpt(self) -> Any:
         """The bare GPTModel (unwrapped from DDP)."""
-        m = self.module
-        while hasattr(m, "module"):
-            m = m.module
-        return m
+        from nsr_megatron.models.state import unwrap_model
+
+        return unwrap_model(self.module)
 
     def offload(self) -> None:
         """Move the (frozen) reference weights to host memory between uses."""

@@ -19,10 +19,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["canonical_state", "iter_sharded_tensors"]
+__all__ = ["canonical_state", "gather_grad_shards", "iter_sharded_tensors", "load_canonical_state", "unwrap_model"]
 
 
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+def unwrap_model(module: Any) -> Any:
+    """The bare GPTModel inside megatron's DDP (or any ``.module`` wrapper)."""
     while hasattr(module, "module"):
         module = module.module
     return module
@@ -52,7 +53,7 @@ def iter_sharded_tensors(model: torch.nn.Module, *, grads: bool = False) -> Iter
             g = t.grad
         return None if g is None else g.detach().view_as(t)
 
-    for item in _flatten(_unwrap(model).sharded_state_dict()):
+    for item in _flatten(unwrap_model(model).sharded_state_dict()):
         if isinstance(item, ShardedTensorFactory):
             data = swap(item.data)
             if data is None:

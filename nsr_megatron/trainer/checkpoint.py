@@ -26,17 +26,12 @@ import torch
 import torch.distributed as dist
 
 from nsr_megatron.convert.io import META_FILE, commit_checkpoint_dir
+from nsr_megatron.models.state import unwrap_model
 
 __all__ = ["latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _OPT_META = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
-
-
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(module, "module"):
-        module = module.module
-    return module
 
 
 def _barrier() -> None:
@@ -49,7 +44,7 @@ def _rank() -> int:
 
 
 def _sharded_state(model: torch.nn.Module, optimizer: Any, *, is_loading: bool) -> dict[str, Any]:
-    model_sd = _unwrap(model).sharded_state_dict()
+    model_sd = unwrap_model(model).sharded_state_dict()
     state: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=_OPT_META)
@@ -235,7 +230,7 @@ def load_checkpoint(
         _ensure_optimizer_state(optimizer)
     sharded = _sharded_state(model, optimizer, is_loading=True)
     loaded = dist_checkpointing.load(sharded, str(path), strict="assume_ok_unexpected")
-    _unwrap(model).load_state_dict(loaded["model"], strict=strict)
+    unwrap_model(model).load_state_dict(loaded["model"], strict=strict)
     if optimizer is not None:
         optimizer.load_state_dict(_conform(loaded["optimizer"], sharded["optimizer"]))
         _unshare_adam_steps(optimizer)
