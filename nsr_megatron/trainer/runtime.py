@@ -59,23 +59,15 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int, sched
 
 
 def hf_weights_to_canonical(hf_dir: str | os.PathLike[str], arch: ArchSpec) -> dict[str, torch.Tensor]:
-    """Read an HF checkpoint's safetensors into canonical (megatron dist-checkpoint) tensors."""
-    from safetensors import safe_open
-
+    """Read an HF checkpoint's safetensors (single file or indexed shards) into canonical fp32 tensors."""
+    from nsr_megatron.convert.io import HFCheckpoint
     from nsr_megatron.convert.mapping import hf_state_to_canonical
 
-    hf_dir = Path(hf_dir)
-    files = sorted(hf_dir.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(
-            f"no *.safetensors files in {hf_dir}; point model.hf_path at a Hugging Face checkpoint with weights "
-            "(save_pretrained writes them), or convert one with tools/convert.py."
-        )
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            for name in sf.keys():
-                tensors[name] = sf.get_tensor(name)
+    ckpt = HFCheckpoint(hf_dir)
+    try:
+        tensors = {name: ckpt.read(name) for name in ckpt.tensors}
+    finally:
+        ckpt.close()
     return {k: v.float() for k, v in hf_state_to_canonical(arch, tensors).items()}
 
 
@@ -139,13 +131,16 @@ def build_runtime(config: Config, *, world_size: int) -> Runtime:
         log.info("resumed from %s (step %d)", resume_from, start_step)
     elif config.checkpoint.load:
         load_checkpoint(config.checkpoint.load, policy.module)
-    else:
-        load_canonical_state(policy.module, hf_weights_to_canonical(config.model.hf_path, arch))
-    if reference is not None:
+    initial: dict[str, torch.Tensor] | None = None  # the HF weights, read once for policy and reference
+    if resume_from is None and not config.checkpoint.load:
+        initial = hf_weights_to_canonical(config.model.hf_path, arch)
+        load_canonical_state(policy.module, initial)
+    if reference is not None:  # the reference is the initial model, also when resuming
         if config.checkpoint.load:
             load_checkpoint(config.checkpoint.load, reference.module)
         else:
-            load_canonical_state(reference.module, hf_weights_to_canonical(config.model.hf_path, arch))
+            load_canonical_state(reference.module, initial or hf_weights_to_canonical(config.model.hf_path, arch))
+    del initial
     if dist.is_initialized():
         dist.barrier()
     rt = Runtime(
