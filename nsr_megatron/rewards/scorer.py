@@ -1,9 +1,10 @@
 """Time-limited, fault-tolerant reward scoring of a batch of responses.
 
-Each reward call runs in a worker, process (default) or thread, with a per-call time limit. A call that raises,
-returns a non-finite or non-numeric value, crashes its process, or runs past ``timeout_s`` scores 0 and is counted
-(``RewardStats``); the first error and the first time-out are logged at WARNING, later ones at DEBUG. The run goes
-on. In process mode a timed-out worker is killed and replaced, so even an infinite loop in C costs only
+Each reward call runs in a worker, process (default) or thread, with a per-call time limit. A call that raises
+(``errors``), returns NaN, inf, None or anything that is not a number (``invalid``), kills its worker process
+(``crashes``; the worker is replaced) or runs past ``timeout_s`` (``timeouts``) scores 0 and is counted in
+``RewardStats``; the first of each kind is logged at WARNING with the sample and the value or reason, later ones at
+DEBUG. The run goes on. In process mode a timed-out worker is killed and replaced, so even an infinite loop in C costs only
 ``timeout_s``; in thread mode a hung call can only be abandoned (its thread keeps running in the background).
 
 The optional DAPO soft overlong punishment (arXiv 2503.14476) is added to each reward:
@@ -104,23 +105,26 @@ class RewardStats:
     """Counts of one batch (or, summed with ``+=``, of a whole run)."""
 
     calls: int = 0
-    errors: int = 0
+    errors: int = 0  # the reward raised
+    invalid: int = 0  # it returned NaN, inf, None or a non-number
+    crashes: int = 0  # its worker process died mid-call (replaced)
     timeouts: int = 0
     seconds: float = 0.0
 
     def __iadd__(self, other: RewardStats) -> Self:
-        self.calls += other.calls
-        self.errors += other.errors
-        self.timeouts += other.timeouts
-        self.seconds += other.seconds
+        for name in ("calls", "errors", "invalid", "crashes", "timeouts", "seconds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
         return self
 
+    @property
+    def failed(self) -> int:
+        """Calls that scored 0 because of a failure of any kind."""
+        return self.errors + self.invalid + self.crashes + self.timeouts
+
     def as_metrics(self, prefix: str = "reward/") -> dict[str, float]:
-        """``{prefix}calls``, ``errors``, ``timeouts``, ``error_frac``, and ``timing/reward_s``."""
-        frac = (self.errors + self.timeouts) / self.calls if self.calls else 0.0
-        return {f"{prefix}calls": float(self.calls), f"{prefix}errors": float(self.errors),
-                f"{prefix}timeouts": float(self.timeouts), f"{prefix}error_frac": frac,
-                "timing/reward_s": self.seconds}
+        """``{prefix}{errors,invalid,worker_crashes,timeouts}`` (counts of this batch)."""
+        return {f"{prefix}errors": float(self.errors), f"{prefix}invalid": float(self.invalid),
+                f"{prefix}worker_crashes": float(self.crashes), f"{prefix}timeouts": float(self.timeouts)}
 
 
 def overlong_penalty(length: int, max_length: int, buffer_length: int, factor: float = 1.0) -> float:
@@ -159,16 +163,16 @@ def resolve_reward_fn(spec: str) -> RewardFn:
 
 
 def _call(fn: RewardFn, response: str, answer: str, kwargs: Mapping[str, Any]) -> tuple[str, float | str]:
-    """Run one reward call: ``("ok", value)`` or ``("error", message)``."""
+    """Run one reward call: ``("ok", value)``, ``("invalid", message)`` or ``("error", message)``."""
     try:
         value = fn(response, answer, **kwargs)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return "error", f"returned {type(value).__name__} {value!r:.60}, expected a float"
-        if not math.isfinite(value):
-            return "error", f"returned non-finite {value!r}"
-        return "ok", float(value)
     except Exception as exc:  # noqa: BLE001 - any failure of user code scores 0 and is counted
         return "error", f"{type(exc).__name__}: {exc}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "invalid", f"returned {type(value).__name__} {value!r:.60}, not a number"
+    if not math.isfinite(value):
+        return "invalid", f"returned {value!r}, not a finite number"
+    return "ok", float(value)
 
 
 def _process_worker(conn: multiprocessing.connection.Connection, spec: str) -> None:
@@ -349,8 +353,9 @@ class RewardScorer:
                 if status == "ok":
                     rewards[index] = float(payload)
                 else:
-                    stats.errors += 1
-                    self._log_once("error", f"sample {index}: {payload}")
+                    kind = {"invalid": "invalid", "crash": "crashes"}.get(status, "errors")
+                    setattr(stats, kind, getattr(stats, kind) + 1)
+                    self._log_once(status, f"sample {index}: {payload}")
                 worker.task = None
                 if status == "crash":
                     self._replace(worker, kill=True)

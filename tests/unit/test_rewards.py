@@ -50,7 +50,12 @@ USER_REWARDS = textwrap.dedent(
         raise RuntimeError(f"cannot score {response!r}")
 
     def not_a_number(response, answer, **kw):
-        return "yes" if response == "str" else math.nan
+        return {"str": "yes", "nan": math.nan, "inf": -math.inf, "none": None}.get(response, 0.5)
+
+    def slow(response, answer, **kw):
+        if response == "slow":
+            time.sleep(30)
+        return 1.0
 
     def die(response, answer, **kw):
         if response == "die":
@@ -203,13 +208,14 @@ def test_errors_are_scored_zero_counted_and_logged_once(
             rewards, stats = scorer.score_batch(["a", "b", "c"], ["x", "x", "x"])
         bad_config = RewardConfig(name=f"{user_module}:not_a_number", executor=executor, num_workers=1)
         with RewardScorer(bad_config) as scorer:  # one worker: the calls finish in order
-            bad, bad_stats = scorer.score_batch(["str", "nan"], ["x", "x"])
-    assert rewards == [0.0, 0.0, 0.0] and (stats.errors, stats.timeouts) == (3, 0)
-    assert bad == [0.0, 0.0] and bad_stats.errors == 2
+            bad, bad_stats = scorer.score_batch(["nan", "str", "inf", "none", "fine"], ["x"] * 5)
+    assert rewards == [0.0, 0.0, 0.0] and (stats.errors, stats.invalid, stats.timeouts) == (3, 0, 0)
+    assert bad == [0.0, 0.0, 0.0, 0.0, 0.5] and (bad_stats.errors, bad_stats.invalid) == (0, 4)
+    assert bad_stats.as_metrics()["reward/invalid"] == 4.0 and stats.as_metrics()["reward/errors"] == 3.0
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2  # one per scorer and kind, with the first message
-    assert "RuntimeError: cannot score 'a'" in warnings[0] and "expected a float" in warnings[1]
-    assert stats.as_metrics()["reward/error_frac"] == 1.0
+    assert "RuntimeError: cannot score 'a'" in warnings[0]
+    assert "invalid" in warnings[1] and "sample 0: returned nan, not a finite number" in warnings[1]
 
 
 def test_hung_process_is_killed_scored_zero_and_the_run_goes_on(
@@ -245,7 +251,43 @@ def test_hung_thread_is_abandoned_and_scored_zero(user_module: str) -> None:
         assert scorer.score_batch(["ok"], ["x"])[0] == [1.0]
 
 
-def test_crashed_worker_process_counts_as_error(user_module: str) -> None:
+def test_crashed_worker_process_is_replaced_and_counted(user_module: str) -> None:
     with RewardScorer(RewardConfig(name=f"{user_module}:die", num_workers=1)) as scorer:
         rewards, stats = scorer.score_batch(["ok", "die", "ok"], ["x"] * 3)
-    assert rewards == [1.0, 0.0, 1.0] and (stats.errors, stats.timeouts) == (1, 0)
+    assert rewards == [1.0, 0.0, 1.0] and (stats.crashes, stats.errors, stats.timeouts) == (1, 0, 0)
+    assert stats.as_metrics()["reward/worker_crashes"] == 1.0
+
+
+def test_worker_killed_from_outside_mid_batch_is_replaced(user_module: str) -> None:
+    """A worker process SIGKILLed while scoring (the OOM killer, an operator): its sample scores 0 and is
+    counted, the other samples are scored, and the replacement worker serves the next batch."""
+    import os
+    import signal
+    import threading
+
+    config = RewardConfig(name=f"{user_module}:slow", num_workers=2, timeout_s=60.0)
+    with RewardScorer(config) as scorer:
+        scorer.score_batch(["warm", "warm"], ["x", "x"])  # start both workers
+        before = {w.process.pid for w in scorer._workers}
+
+        def kill_the_busy_worker() -> None:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                busy = [w for w in scorer._workers if w.task == 1 and w.process is not None]
+                if busy:
+                    time.sleep(0.2)  # let the call start inside the worker
+                    os.kill(busy[0].process.pid, signal.SIGKILL)
+                    return
+                time.sleep(0.01)
+
+        killer = threading.Thread(target=kill_the_busy_worker)
+        killer.start()
+        begin = time.monotonic()
+        rewards, stats = scorer.score_batch(["ok", "slow", "ok", "ok"], ["x"] * 4)
+        killer.join()
+        assert time.monotonic() - begin < 20, "the killed call was waited for until its time-out"
+        assert rewards == [1.0, 0.0, 1.0, 1.0]
+        assert (stats.crashes, stats.errors, stats.timeouts) == (1, 0, 0)
+        after = {w.process.pid for w in scorer._workers}
+        assert len(after) == 2 and after != before  # the dead worker was replaced
+        assert scorer.score_batch(["ok", "ok"], ["x", "x"])[0] == [1.0, 1.0]
