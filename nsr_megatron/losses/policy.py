@@ -1,6 +1,7 @@
 """Policy-gradient losses for RLVR: PPO/GRPO clip, DAPO, GSPO(-token), CISPO and NSR (see LOSSES.md).
 
-Notation (per response token): ``r = exp(logp - old)`` (difference in fp32), ``A`` the advantage, ``m`` the
+Notation (per response token): ``r = exp(logp - old)`` (difference in fp32, clamped to ``+-LOG_RATIO_LIMIT``
+= 20 before the ``exp``), ``A`` the advantage, ``m`` the
 response mask, ``lo = 1 - eps_low``, ``hi = 1 + eps_high``, ``sg`` = stop-gradient. Every clipped
 surrogate is written as ``L = -A * rho`` with an *effective ratio*
 ``rho = v + w * sg(r) * (logp - sg(logp))``: its value is ``v`` and its gradient ``w * r * grad(logp)``;
@@ -61,6 +62,7 @@ from torch import Tensor
 from nsr_megatron.losses.rng import SEQUENCE_INDEX, row_keys, uniform_from_keys
 
 __all__ = [
+    "LOG_RATIO_LIMIT",
     "PRESETS",
     "PolicyLossConfig",
     "loss_denominators",
@@ -128,6 +130,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "nsr-gspo-decay": {**_BASE, **_GSPO, "rescue": "decay"},
 }
 """Every loss by name: a complete value for every field of :class:`PolicyLossConfig` but ``name``."""
+
+LOG_RATIO_LIMIT = 20.0
+"""Log-ratios (``logp - old``, and ``old - rollout`` for TIS / MIS) are clamped to ``[-20, 20]`` before ``exp``:
+ratios stay within ``[2.1e-9, 4.9e8]`` and finite in fp32. Clip and rescue decisions are unchanged (they happen
+near 1); only a token whose log-ratio lies past the limit sees its ratio value capped (its gradient, if any,
+is ``r * d logp`` with the capped ``r``)."""
 
 _PRESET: Any = None  # a field left at this default takes the value of the preset ``name``
 
@@ -315,7 +323,8 @@ def _effective_mask(
             "engine's log-probs or set them to None."
         )
     valid = mask.bool()
-    weight = torch.exp(torch.where(valid, old_logprobs.to(dtype) - rollout_logprobs.to(dtype), 0.0))  # [B, T]
+    log_w = torch.where(valid, old_logprobs.to(dtype) - rollout_logprobs.to(dtype), 0.0)  # [B, T]
+    weight = torch.exp(log_w.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))  # [B, T]
     if mis:
         keep = torch.ones_like(valid)
         if cfg.mis_low is not None:
@@ -458,8 +467,8 @@ def policy_loss(
     seq_level = cfg.ratio_level != "token"
 
     logratio = torch.where(valid, logprobs.to(dtype) - old_logprobs.to(dtype), 0.0)  # [B, T]
-    lr = logratio.detach()  # [B, T]
-    live = logratio - lr  # [B, T] value 0, gradient d logp: carries the gradient of every ratio below
+    live = logratio - logratio.detach()  # [B, T] value 0, gradient d logp: carries the gradient of every ratio
+    lr = logratio.detach().clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)  # [B, T] exp() below stays finite
     seq = _seq_sums([m, lr * m] if seq_level else [m], seq_sum_fn)  # [B, P] global over CP ranks
     inv_len = _safe_div(torch.ones_like(seq[:, 0]), seq[:, 0])  # [B] 1 / T_i (0 for empty sequences)
     with torch.no_grad():

@@ -14,7 +14,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from nsr_megatron.losses import PolicyLossConfig, global_sums, loss_denominators, policy_loss, seq_sum_fn
+from nsr_megatron.losses import (
+    PolicyLossConfig,
+    global_sums,
+    loss_denominators,
+    policy_loss,
+    seq_sum_fn,
+    vocab_parallel_logprobs_entropy,
+)
 from tests.distributed._gloo import run
 
 B, T = 16, 24  # T divisible by 4 for the zigzag split
@@ -148,6 +155,48 @@ def layouts(rank: int) -> dict[str, tuple[list[tuple[torch.Tensor, torch.Tensor]
     }
 
 
+V = 12  # vocabulary of the tensor-parallel check, split in halves over the two ranks
+
+
+def _tensor_parallel_ranks_agree(
+    cfg: PolicyLossConfig, data: dict[str, torch.Tensor], per_token: bool, label: str, rank: int, world_size: int
+) -> None:
+    """Each rank holds half of the vocabulary of the logits; the log-probs come from the vocab-parallel op. Both
+    ranks must reach bitwise identical log-probs, loss and statistics (rescue decisions included), matching the
+    full-vocabulary computation of one process, and their logit gradients must assemble the full one."""
+    g = torch.Generator().manual_seed(99)
+    logits = torch.randn(B, T, V, generator=g) * 2.0
+    targets = torch.randint(0, V, (B, T), generator=g)
+    half = V // world_size
+    adv = data["adv_tok"] if per_token else data["adv_seq"]
+
+    def loss_and_grad(x: torch.Tensor, group: dist.ProcessGroup | None) -> tuple[Any, ...]:
+        x = x.clone().requires_grad_()
+        lp, ent = vocab_parallel_logprobs_entropy(x, targets, group=group,
+                                                  vocab_start=rank * half if group is not None else None)
+        loss, sums = policy_loss(cfg, lp, data["old_logprobs"], adv, data["mask"], sample_ids=data["sample_ids"],
+                                 step=STEP, ref_logprobs=data["ref_logprobs"],
+                                 rollout_logprobs=data["rollout_logprobs"], entropy=ent.detach())
+        loss.backward()
+        return lp.detach(), loss.detach(), sums, x.grad
+
+    full_lp, full_loss, full_sums, full_grad = loss_and_grad(logits, None)
+    lp, loss, sums, grad = loss_and_grad(logits[..., rank * half:(rank + 1) * half], dist.group.WORLD)
+    for name, mine in [("logprobs", lp), ("loss", loss)] + [(k, v) for k, v in sorted(sums.items())]:
+        gathered = [torch.empty_like(mine) for _ in range(world_size)]
+        dist.all_gather(gathered, mine.contiguous())
+        assert all(torch.equal(x, gathered[0]) for x in gathered), f"{label}: TP ranks disagree on {name}"
+    torch.testing.assert_close(lp, full_lp, rtol=1e-6, atol=1e-6, msg=label)
+    torch.testing.assert_close(loss, full_loss, rtol=1e-5, atol=1e-7, msg=label)
+    counts = ("clip/upper_sum", "clip/lower_sum") + (
+        ("rescue/upper_sum", "rescue/lower_sum") if cfg.rescue == "stochastic" else ())
+    for key in counts:  # the same tokens are clipped and rescued
+        assert sums[key] == full_sums[key], (label, key, float(sums[key]), float(full_sums[key]))
+    parts = [torch.empty_like(grad) for _ in range(world_size)]
+    dist.all_gather(parts, grad.contiguous())
+    torch.testing.assert_close(torch.cat(parts, dim=-1), full_grad, rtol=1e-5, atol=1e-7, msg=label)
+
+
 def invariance_worker(rank: int, world_size: int) -> None:
     data = make_batch()
     world = dist.group.WORLD
@@ -161,10 +210,7 @@ def invariance_worker(rank: int, world_size: int) -> None:
             rescued = float(ref_sums["rescue/upper_sum"] + ref_sums["rescue/lower_sum"])
             clipped = float(ref_sums["clip/upper_sum"] + ref_sums["clip/lower_sum"])
             assert 0 < rescued < clipped, (label, rescued, clipped)
-        # tensor-parallel ranks compute on identical inputs: identical bits
-        gathered = [torch.empty_like(ref_grad) for _ in range(world_size)]
-        dist.all_gather(gathered, ref_grad)
-        assert all(torch.equal(g, ref_grad) for g in gathered), label
+        _tensor_parallel_ranks_agree(cfg, data, per_token, label, rank, world_size)
         for layout, (micro, cp) in layouts(rank).items():
             loss, grad, sums = compute(cfg, data, per_token, micro, world if cp else None, [world])
             dist.all_reduce(loss)
