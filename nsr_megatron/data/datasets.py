@@ -17,6 +17,7 @@ is ``(epoch, position, seed)``, so a resumed run sees exactly the order the inte
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -47,6 +48,8 @@ class DataConfig:
         apply_chat_template: render messages with the tokenizer's chat template when it has one.
         system_prompt: optional system message put before prompts that have none.
         max_samples: keep only the first N valid records (None: all).
+        max_prompt_tokens: skip (and count) prompts longer than this many tokens after the chat template
+            (None: keep all; the trainer then refuses a prompt that leaves no room for the response).
         shuffle: shuffle each epoch (``EpochSampler``).
         seed: shuffling seed.
     """
@@ -59,6 +62,7 @@ class DataConfig:
     apply_chat_template: bool = True
     system_prompt: str | None = None
     max_samples: int | None = None
+    max_prompt_tokens: int | None = None
     shuffle: bool = True
     seed: int = 0
 
@@ -73,6 +77,8 @@ class DataConfig:
                 raise ValueError(f"DataConfig.{name}={key!r} is not a key path: use e.g. 'prompt' or 'a.b'.")
         if self.max_samples is not None and self.max_samples < 1:
             raise ValueError(f"DataConfig.max_samples={self.max_samples} must be >= 1 (or None for all).")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError(f"DataConfig.max_prompt_tokens={self.max_prompt_tokens} must be >= 1 (or None: no limit).")
 
     @property
     def resolved_format(self) -> str:
@@ -88,13 +94,15 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class PromptRecord:
-    """One usable prompt: ``uid`` is its 0-based index in the dataset, ``source_line`` its 1-based line/row."""
+    """One usable prompt: ``uid`` is its 0-based index in the dataset, ``source_line`` its 1-based line/row,
+    ``prompt_ids`` its tokens (empty when the dataset was loaded without a tokenizer)."""
 
     uid: int
     prompt: str
     messages: list[dict[str, str]]
     answer: str
     source_line: int
+    prompt_ids: tuple[int, ...] = ()
 
 
 class RecordError(ValueError):
@@ -209,32 +217,37 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int, Any, str | None]]:
 
 
 class PromptDataset:
-    """Prompts + ground truths loaded eagerly from one file.
+    """Prompts + ground truths loaded eagerly from one file, tokenized once when a tokenizer is given.
 
     Attributes:
         records: the valid records in file order.
         skipped: ``(line, reason)`` of each skipped record (only with ``skip_invalid=True``).
+        too_long: ``(line, tokens)`` of each prompt skipped for ``max_prompt_tokens``.
     """
 
     def __init__(self, config: DataConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
         self.config = config
         if not config.path:
-            raise ValueError("DataConfig.path is empty: set it to a .jsonl or .parquet file of prompts.")
+            raise ValueError("data.path is empty: set it to a .jsonl or .parquet file of prompts.")
         path = Path(config.path)
         if not path.is_file():
-            raise FileNotFoundError(f"DataConfig.path={config.path!r} does not exist or is not a file.")
+            raise FileNotFoundError(f"data.path={config.path!r} does not exist or is not a file; point it at a "
+                                    f".jsonl or .parquet file of prompts.")
         fmt = config.resolved_format
         unit = "line" if fmt == "jsonl" else "row"
         rows = _iter_jsonl(path) if fmt == "jsonl" else _iter_parquet(path)
         if config.apply_chat_template and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
-            logger.warning("apply_chat_template=True is ignored: the tokenizer has no chat template; "
+            logger.warning("data.apply_chat_template=true is ignored: the tokenizer has no chat template; "
                            "prompts are joined as plain text.")
         self.records: list[PromptRecord] = []
         self.skipped: list[tuple[int, str]] = []
+        self.too_long: list[tuple[int, int]] = []
         self._own_system = 0  # prompts that bring their own system message (system_prompt not applied)
+        seen = 0
         for line_no, raw, error in rows:
             if config.max_samples is not None and len(self.records) >= config.max_samples:
                 break
+            seen += 1
             try:
                 if error is not None:
                     raise RecordError(error)
@@ -243,25 +256,35 @@ class PromptDataset:
                 if not config.skip_invalid:
                     raise ValueError(
                         f"{path}, {unit} {line_no}: {exc} "
-                        f"(fix the record, check prompt_key/answer_key, or set skip_invalid=True)"
+                        f"(fix the record, check data.prompt_key / data.answer_key, or set data.skip_invalid=true)"
                     ) from None
                 self.skipped.append((line_no, str(exc)))
+        if tokenizer is not None:
+            self._tokenize(tokenizer, path, unit)
         if self.skipped:
             logger.warning("%s: skipped %d invalid %ss (first: %s %d: %s)", path, len(self.skipped), unit,
                            unit, self.skipped[0][0], self.skipped[0][1])
+        if self.too_long:
+            logger.warning("%s: skipped %d prompts longer than data.max_prompt_tokens=%d (first: %s %d, %d tokens)",
+                           path, len(self.too_long), config.max_prompt_tokens, unit, *self.too_long[0])
         if self._own_system:
-            logger.warning("%s: system_prompt is ignored for %d prompts that have their own system message.",
+            logger.warning("%s: data.system_prompt is ignored for %d prompts that have their own system message.",
                            path, self._own_system)
         if not self.records:
-            raise ValueError(f"{path}: no usable records ({len(self.skipped)} skipped); "
-                             f"check prompt_key={config.prompt_key!r} and answer_key={config.answer_key!r}.")
+            if seen == 0:
+                raise ValueError(f"data.path={config.path!r} holds no records (the file is empty); "
+                                 f"point it at a non-empty prompt file.")
+            first = (f"; first skipped: {unit} {self.skipped[0][0]}: {self.skipped[0][1]}" if self.skipped
+                     else f"; all {len(self.too_long)} are longer than data.max_prompt_tokens" if self.too_long else "")
+            raise ValueError(f"{path}: no usable records among {seen}{first}. Check data.prompt_key="
+                             f"{config.prompt_key!r} and data.answer_key={config.answer_key!r}.")
 
     def _parse(self, raw: Any, line_no: int, tokenizer: PreTrainedTokenizerBase | None) -> PromptRecord:
         if not isinstance(raw, Mapping):
             raise RecordError(f"expected a JSON object, got a {type(raw).__name__}")
-        raw_prompt = get_key_path(raw, self.config.prompt_key)
+        raw_prompt = _field(raw, self.config.prompt_key, "prompt_key")
         messages = to_messages(raw_prompt, self.config.system_prompt)
-        answer = to_answer(get_key_path(raw, self.config.answer_key))
+        answer = to_answer(_field(raw, self.config.answer_key, "answer_key"))
         try:
             prompt = render_prompt(messages, tokenizer, self.config.apply_chat_template)
         except Exception as exc:  # a template may reject a message order: that is a record problem
@@ -271,6 +294,29 @@ class PromptDataset:
             self._own_system += 1
         return PromptRecord(uid=len(self.records), prompt=prompt, messages=messages, answer=answer,
                             source_line=line_no)
+
+    def _tokenize(self, tokenizer: PreTrainedTokenizerBase, path: Path, unit: str) -> None:
+        """Tokenize every prompt once (as the rollout sends it: no special tokens added beyond the template),
+        drop the ones over ``max_prompt_tokens`` and renumber the rest."""
+        if not self.records:
+            return
+        ids = tokenizer([r.prompt for r in self.records], add_special_tokens=False)["input_ids"]
+        limit = self.config.max_prompt_tokens
+        kept: list[PromptRecord] = []
+        for record, tokens in zip(self.records, ids, strict=True):
+            if not tokens:
+                raise ValueError(f"{path}, {unit} {record.source_line}: the prompt {record.prompt!r:.60} encodes to no "
+                                 f"tokens; is the tokenizer the model's own (model.tokenizer_path)?")
+            if limit is not None and len(tokens) > limit:
+                self.too_long.append((record.source_line, len(tokens)))
+                continue
+            kept.append(dataclasses.replace(record, uid=len(kept), prompt_ids=tuple(tokens)))
+        self.records = kept
+
+    def longest_prompt(self) -> tuple[int, int]:
+        """``(tokens, source line)`` of the longest prompt (tokenized datasets only)."""
+        longest = max(self.records, key=lambda r: len(r.prompt_ids), default=None)  # the first of the longest
+        return (len(longest.prompt_ids), longest.source_line) if longest is not None else (0, 0)
 
     @property
     def num_skipped(self) -> int:
@@ -287,6 +333,14 @@ class PromptDataset:
 
     def __getitem__(self, index: int) -> PromptRecord:
         return self.records[index]
+
+
+def _field(record: Mapping[str, Any], key_path: str, setting: str) -> Any:
+    """``get_key_path`` whose error names the setting (``data.prompt_key`` / ``data.answer_key``)."""
+    try:
+        return get_key_path(record, key_path)
+    except RecordError as exc:
+        raise RecordError(f"data.{setting}={key_path!r}: {exc}") from None
 
 
 @dataclass
@@ -313,8 +367,8 @@ class EpochSampler:
             raise ValueError(f"EpochSampler.num_items={self.num_items}: the dataset is empty.")
         if not 1 <= self.batch_size <= self.num_items:
             raise ValueError(
-                f"EpochSampler.batch_size={self.batch_size} must be in [1, num_items={self.num_items}]: "
-                f"use fewer prompts per step or a larger dataset."
+                f"rollout.prompts_per_step={self.batch_size} must be in [1, {self.num_items}] (the number of prompts "
+                f"in the dataset): use fewer prompts per step or a larger dataset."
             )
 
     @property

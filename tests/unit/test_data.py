@@ -142,13 +142,14 @@ def test_malformed_line_names_file_line_and_reason(tmp_path: Path, line: str, re
         PromptDataset(DataConfig(path=str(path)))
     message = str(info.value)
     assert str(path) in message and "line 3" in message and reason in message
-    assert "skip_invalid=True" in message
+    assert "data.skip_invalid=true" in message
 
 
 def test_nested_key_error_names_missing_component(tmp_path: Path) -> None:
     path = _write_lines(tmp_path / "d.jsonl", [json.dumps({"prompt": "1=", "reward_model": {"style": "rule"}})])
-    with pytest.raises(ValueError, match=r"line 1: missing field 'reward_model.ground_truth' \(no key "
-                                         r"'ground_truth' in 'reward_model'; keys: \['style'\]\)"):
+    with pytest.raises(ValueError, match=r"line 1: data.answer_key='reward_model.ground_truth': missing field "
+                                         r"'reward_model.ground_truth' \(no key 'ground_truth' in 'reward_model'; "
+                                         r"keys: \['style'\]\)"):
         PromptDataset(DataConfig(path=str(path), answer_key="reward_model.ground_truth"))
 
 
@@ -166,7 +167,7 @@ def test_all_invalid_and_missing_file(tmp_path: Path) -> None:
     path = _write_lines(tmp_path / "d.jsonl", ["{}"])
     with pytest.raises(ValueError, match="no usable records"):
         PromptDataset(DataConfig(path=str(path), skip_invalid=True))
-    with pytest.raises(ValueError, match="DataConfig.path is empty"):
+    with pytest.raises(ValueError, match="data.path is empty"):
         PromptDataset(DataConfig())
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         PromptDataset(DataConfig(path=str(tmp_path / "nope.jsonl")))
@@ -221,7 +222,7 @@ def test_sampler_resume_reproduces_order() -> None:
 
 
 def test_sampler_validation() -> None:
-    with pytest.raises(ValueError, match="batch_size=5 must be in"):
+    with pytest.raises(ValueError, match=r"rollout.prompts_per_step=5 must be in \[1, 4\]"):
         EpochSampler(num_items=4, batch_size=5)
     sampler = EpochSampler(num_items=4, batch_size=2)
     with pytest.raises(ValueError, match="lacks"):
