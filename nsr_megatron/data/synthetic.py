@@ -2,7 +2,7 @@
 
 Tasks (one answer digit each; all symbols are in the tokenizer of ``data/tokenizer.py``):
 
-* ``echo``:      ``7=``   -> ``7``   easy: in the DESIGN.md reference run (random tiny MoE) reward 0.31 -> 0.98
+* ``echo``:      ``7=``   -> ``7``   easy: in a reference run from a random tiny MoE, reward 0.31 -> 0.98
                                     in 100 steps
 * ``successor``: ``7+1=`` -> ``8``   the next digit, mod 10
 * ``add``:       ``3+9=`` -> ``2``   (a + b) mod 10; hard: the reference run stays at chance (0.09) after 150 steps

@@ -131,7 +131,7 @@ def strip_special_tokens(text: str) -> str:
 def synthetic_reward(response: str, answer: str, strict: bool = False, **_: object) -> float:
     """Reward of the synthetic tasks: 1.0 if the cleaned response starts with the answer (``strict``: equals it).
 
-    The lenient default scores the first answer symbols, the way the DESIGN.md reference run was measured, so a
+    The lenient default scores the first answer symbols, the way the reference measurements of the synthetic tasks were made, so a
     model that has not yet learned to stop after the digit is still rewarded for the right digit.
     """
     cleaned, target = strip_special_tokens(response), strip_special_tokens(answer)

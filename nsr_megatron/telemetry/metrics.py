@@ -1,7 +1,7 @@
 """Per-step metrics: ``<run_dir>/metrics.jsonl`` and TensorBoard events under ``<run_dir>/tb/``.
 
-``metrics.jsonl`` holds one JSON object per step, ``{"step": N, "reward/mean": ..., ...}`` (DESIGN.md run directory
-contract), appended and flushed at every ``log`` so a crash loses at most the line being written. Values are
+``metrics.jsonl`` holds one JSON object per step, ``{"step": N, "reward/mean": ..., ...}`` (the run directory
+contract in the README, "Data, rewards, telemetry"), appended and flushed at every ``log`` so a crash loses at most the line being written. Values are
 converted to float (0-d tensors and numpy scalars included); non-finite floats are written as ``null`` to keep the
 file valid JSON (TensorBoard still receives them). Strings are kept in the JSON line and skipped in TensorBoard.
 
@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
 
-# The keys every trainer step writes (DESIGN.md); ``timing/*`` keys come in addition.
+# The keys every trainer step writes (the README's run directory contract); ``timing/*`` keys come in addition.
 REQUIRED_KEYS: tuple[str, ...] = (
     "step", "reward/mean", "response_length/mean", "loss", "clip_frac/upper", "clip_frac/lower", "rescue_frac",
     "entropy", "grad_norm",
@@ -97,7 +97,7 @@ class MetricsWriter:
             starts a new run, which refuses a non-empty ``metrics.jsonl`` unless ``overwrite``.
         tensorboard: also write TensorBoard events (skipped with one warning if tensorboard is missing).
         overwrite: with ``resume_step=None``, truncate an existing ``metrics.jsonl`` instead of refusing.
-        required_keys: keys the first logged step should have (DESIGN.md contract); a warning lists the missing
+        required_keys: keys the first logged step should have (the run directory contract); a warning lists the missing
             ones once. Pass ``()`` for a writer that is not a trainer's.
     """
 
@@ -171,7 +171,7 @@ class MetricsWriter:
             self._checked_keys = True
             missing = [k for k in self.required_keys if k != "step" and k not in metrics]
             if missing:
-                logger.warning("%s: step %d lacks the metric keys %s of the run directory contract (DESIGN.md).",
+                logger.warning("%s: step %d lacks the metric keys %s that the README's telemetry section lists for every step.",
                                self.path, step, missing)
         record: dict[str, Any] = {"step": step}
         for key, value in metrics.items():

@@ -54,10 +54,16 @@ def moving_average(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
+def default_window(num_steps: int) -> int:
+    """The smoothing window of a run's plots: a tenth of the run, between 1 and 10 steps."""
+    return max(1, min(10, num_steps // 10))
+
+
 def _draw(ax: Any, steps: list[int], values: list[float], label: str, smooth: int) -> None:
-    if smooth > 1:
-        (line,) = ax.plot(steps, values, alpha=0.25, linewidth=0.8)
-        ax.plot(steps, moving_average(values, smooth), label=label, linewidth=1.6, color=line.get_color())
+    if smooth > 1:  # the raw per-step points, and their moving average on top
+        (points,) = ax.plot(steps, values, linestyle="none", marker=".", markersize=3, alpha=0.35)
+        ax.plot(steps, moving_average(values, smooth), label=f"{label} ({smooth}-step mean)", linewidth=1.8,
+                color=points.get_color())
     else:
         ax.plot(steps, values, label=label, linewidth=1.4, marker="." if len(steps) < 30 else None)
 
@@ -74,9 +80,11 @@ def _new_figure(title: str, ylabel: str) -> tuple[Any, Any]:
     return fig, ax
 
 
-def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, smooth: int = 1) -> list[Path]:
+def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, smooth: int | None = None) -> list[Path]:
     """Draw ``RUN_PLOTS`` (reward, response length, entropy, clip/rescue fractions) and one ``timing`` plot of the
     ``timing/*`` keys from ``<run_dir>/metrics.jsonl`` into ``out_dir`` (default ``<run_dir>/plots``).
+
+    Every plot shows the per-step points and a ``smooth``-step moving average (default: :func:`default_window`).
 
     Returns:
         The PNG files written; plots with no data are skipped with a log line.
@@ -86,6 +94,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, smooth: int
     if not metrics_path.is_file():
         raise FileNotFoundError(f"plot_run: {metrics_path} does not exist; is {run_dir} a run directory?")
     records = read_metrics(metrics_path)
+    smooth = default_window(len(records)) if smooth is None else smooth
     out = Path(out_dir) if out_dir is not None else run_dir / PLOTS_DIR
     out.mkdir(parents=True, exist_ok=True)
     timing_keys = tuple(sorted({k for r in records for k in r if k.startswith("timing/")}))
@@ -102,7 +111,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, smooth: int
         if not drawn:
             logger.info("plot_run: no data for %s (%s) in %s; skipped.", stem, ", ".join(keys) or "-", metrics_path)
             continue
-        if drawn > 1 or stem == "timing":
+        if drawn > 1 or stem == "timing" or smooth > 1:
             ax.legend(fontsize="small")
         path = out / f"{stem}.png"
         fig.savefig(path, format="png")
