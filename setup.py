@@ -18,7 +18,7 @@ setup(
     python_requires=">=3.10,<3.13",
     packages=find_packages(include=["nsr_megatron", "nsr_megatron.*"]),
     include_package_data=True,
-    package_data={"nsr_megatron": ["py.typed"]},
+    package_data={"nsr_megatron": ["py.typed", "configs/*.yaml"]},
     # Ranges are the ones tested (CPU CI: torch 2.13.0, megatron-core 0.16.1, transformers 5.x,
     # Python 3.11). torch is deliberately a range: scripts/setup_env.sh keeps an installed torch
     # and installs the CPU build where there is no GPU.

@@ -23,13 +23,13 @@ def main() -> None:
     args = ap.parse_args()
 
     from nsr_megatron import parallel
-    from nsr_megatron.cli import _examples_dir, prepare_quickstart
+    from nsr_megatron.cli import CONFIGS_DIR, prepare_quickstart
     from nsr_megatron.config import load_config
     from nsr_megatron.trainer.loop import train
 
     with tempfile.TemporaryDirectory() as d:
         overrides = [f"run.run_dir={d}/run", f"run.steps={args.steps}", "checkpoint.save_interval=0", *args.overrides]
-        config = load_config(_examples_dir() / "configs" / "quickstart.yaml", overrides)
+        config = load_config(CONFIGS_DIR / "quickstart.yaml", overrides)
         config = prepare_quickstart(config, task="echo", num_prompts=1024)
         train(config, progress=False)
         parallel.destroy()

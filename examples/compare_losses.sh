@@ -12,7 +12,7 @@ mkdir -p "$OUT"
 args=()
 for loss in $LOSSES; do
   echo "== $loss"
-  $NSR quickstart --no-progress loss.name="$loss" run.run_dir="$OUT/$loss" checkpoint.resume="" "$@"
+  $NSR quickstart --no-progress loss.name="$loss" run.run_dir="$OUT/$loss" checkpoint.resume=auto "$@"
   args+=("$loss=$OUT/$loss")
 done
 $NSR plot --compare "${args[@]}" --out "$OUT/reward_comparison.png" --smooth 5

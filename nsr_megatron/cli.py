@@ -4,7 +4,8 @@ Subcommands:
   quickstart  RL (NSR) on a synthetic task from a tiny random HF model, on this machine (CPU or GPU)
   train       RL training from a config: nsr-megatron train --config FILE [key=value ...]
   smoke       build a tiny MoE policy and train it a few steps on random tokens, printing throughput
-  validate    load a config (YAML + key=value overrides) and check it against the model and world size
+  validate    check a config and its inputs (model, tokenizer, data, reward, checkpoints, layout) without training
+  plot        draw a run's plots, or compare runs
 
 Every subcommand also runs under ``torchrun`` (any TP / PP / EP the world size allows).
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -22,9 +24,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from nsr_megatron.config import Config, ConfigError, load_config, read_hf_config
+from nsr_megatron.config import Config, ConfigError, SmokeConfig, load_config, read_hf_config
 
 log = logging.getLogger("nsr_megatron")
+
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # the built-in quickstart and smoke configs
 
 
 def _world_size() -> int:
@@ -43,7 +47,7 @@ def _quiet_third_party() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*deprecating ShardedTensor.*")
 
 
-def _prepare(config: Config, scratch: Path) -> tuple[Any, Any]:
+def _prepare_smoke(config: SmokeConfig, scratch: Path) -> tuple[SmokeConfig, Any]:
     """Resolve the HF config (a tiny one when none is given) and validate the layout, before any work."""
     from nsr_megatron.models.hf_config import arch_from_hf, validate_layout
     from nsr_megatron.models.tiny import write_tiny_hf_config
@@ -56,15 +60,39 @@ def _prepare(config: Config, scratch: Path) -> tuple[Any, Any]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    """Every check ``train`` makes before it starts, for a world of ``--world-size`` (or nodes x GPUs) processes."""
+    from nsr_megatron.trainer.preflight import preflight
+
+    world = _validate_world_size(args)
     config: Config = load_config(args.config, args.overrides)
-    with tempfile.TemporaryDirectory() as d:
-        _, arch = _prepare(config, Path(d))
+    with tempfile.TemporaryDirectory() as scratch:
+        if not config.model.hf_path or not config.data.path:  # the quickstart's generated model and data
+            config = prepare_quickstart(config, task=args.task, num_prompts=args.num_prompts, where=Path(scratch))
+        inputs = preflight(config, world_size=world)
+    arch, p = inputs.arch, config.parallel
+    longest, line = inputs.dataset.longest_prompt()
+    resume = f"resumes from {inputs.resume_from}" if inputs.resume_from else "starts at step 0"
     print(
-        f"config OK: {arch.model_type}, {arch.num_layers} layers, "
-        f"{arch.num_experts or 'no'} experts; tp={config.parallel.tp} pp={config.parallel.pp} "
-        f"ep={config.parallel.ep} on {_world_size()} process(es)"
+        f"config OK: {arch.model_type}, {arch.num_layers} layers, {arch.num_experts or 'no'} experts; "
+        f"tp={p.tp} pp={p.pp} ep={p.ep} etp={p.etp} cp={p.cp} on {world} process(es), "
+        f"dp={world // (p.tp * p.pp * p.cp)}\n"
+        f"  data: {len(inputs.dataset)} prompts from {config.data.path} (longest {longest} tokens, line {line}); "
+        f"stop tokens {list(inputs.stop_token_ids)}; reward {config.reward.name!r}; {resume}"
     )
     return 0
+
+
+def _validate_world_size(args: argparse.Namespace) -> int:
+    if args.world_size is not None and (args.nodes is not None or args.gpus_per_node is not None):
+        raise ConfigError("pass either --world-size or --nodes/--gpus-per-node, not both.")
+    if args.nodes is not None or args.gpus_per_node is not None:
+        world = (args.nodes or 1) * (args.gpus_per_node or 1)
+    else:
+        world = args.world_size if args.world_size is not None else _world_size()
+    if world < 1:
+        raise ConfigError(f"the world size must be >= 1 (got {world}); pass --world-size N or --nodes N "
+                          f"--gpus-per-node G.")
+    return world
 
 
 def cmd_smoke(args: argparse.Namespace) -> int:
@@ -75,10 +103,10 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     from nsr_megatron.models.provider import build_model
     from nsr_megatron.trainer import actor
 
-    config: Config = load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides, cls=SmokeConfig)
     with tempfile.TemporaryDirectory() as scratch:
-        config, arch = _prepare(config, Path(scratch))
-        run = config.run
+        config, arch = _prepare_smoke(config, Path(scratch))
+        run, batch = config.run, config.batch
         state = parallel.initialize(config.parallel, seed=run.seed)
         try:
             policy = build_model(arch, model=config.model, parallel=config.parallel, optimizer=config.optimizer)
@@ -91,13 +119,13 @@ def cmd_smoke(args: argparse.Namespace) -> int:
                     flush=True,
                 )
             gen = torch.Generator().manual_seed(run.seed + state.dp_rank)
-            n_micro = max(1, run.global_batch_size // (run.micro_batch_size * state.dp_size))
+            n_micro = max(1, batch.global_batch_size // (batch.micro_batch_size * state.dp_size))
 
             def micro_batches() -> list[dict[str, torch.Tensor]]:
                 out = []
                 for _ in range(n_micro):
                     tokens = torch.randint(
-                        0, arch.vocab_size, (run.micro_batch_size, run.seq_length + 1), generator=gen
+                        0, arch.vocab_size, (batch.micro_batch_size, batch.seq_length + 1), generator=gen
                     )
                     out.append({"tokens": tokens[:, :-1], "targets": tokens[:, 1:]})
                 return out
@@ -110,7 +138,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
                 loss = vocab_parallel_cross_entropy(logits.float(), batch["targets"]).mean()
                 return loss, {"loss": loss.detach()}
 
-            tokens_per_step = n_micro * run.micro_batch_size * run.seq_length * state.dp_size
+            tokens_per_step = n_micro * batch.micro_batch_size * batch.seq_length * state.dp_size
             bar = tqdm(range(run.steps), desc="smoke", disable=state.rank != 0 or args.no_progress, file=sys.stdout)
             timed_tokens, timed_seconds, loss = 0, 0.0, float("nan")
             for step in bar:
@@ -118,7 +146,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
                 t0 = time.perf_counter()
                 actor.zero_grads(policy)
                 metrics = actor.forward_backward(policy, batches, ce)
-                stats = actor.optimizer_step(policy)
+                grad_norm = actor.optimizer_step(policy)
                 dt = time.perf_counter() - t0
                 if step > 0:  # the first step includes one-time setup
                     timed_tokens += tokens_per_step
@@ -126,7 +154,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
                 if metrics:
                     loss = float(sum(float(m["loss"]) for m in metrics) / len(metrics))
                 bar.set_postfix(
-                    loss=f"{loss:.4f}", grad_norm=f"{stats['grad_norm']:.3f}", tok_s=f"{tokens_per_step / dt:.0f}"
+                    loss=f"{loss:.4f}", grad_norm=f"{grad_norm:.3f}", tok_s=f"{tokens_per_step / dt:.0f}"
                 )
             if state.rank == 0:
                 rate = timed_tokens / timed_seconds if timed_seconds else float("nan")
@@ -152,26 +180,27 @@ def _wait_for(path: Path, timeout_s: float = 600.0) -> None:
         time.sleep(0.2)
 
 
-def prepare_quickstart(config: Config, *, task: str, num_prompts: int) -> Config:
+def prepare_quickstart(config: Config, *, task: str, num_prompts: int, where: Path | None = None) -> Config:
     """Fill in what the quickstart generates: a tiny random HF checkpoint (with the synthetic tokenizer)
-    and a synthetic task's JSONL, both inside the run directory. Rank 0 writes them atomically; the
-    other ranks wait for them."""
+    and a synthetic task's JSONL, in ``where`` (default: the run directory). Rank 0 writes them atomically;
+    the other ranks wait for them."""
     from nsr_megatron.data.synthetic import generate, write_jsonl
     from nsr_megatron.data.tokenizer import save_synthetic_tokenizer
     from nsr_megatron.models.tiny import create_tiny_hf_checkpoint
 
-    run_dir = Path(config.run.run_dir)
+    root = where if where is not None else Path(config.run.run_dir)
     if not config.model.hf_path:
-        hf_dir = run_dir / "hf-init"
+        hf_dir = root / "hf-init"
         if _rank() == 0 and not (hf_dir / "config.json").exists():
-            tmp = run_dir / ".tmp-hf-init"
+            tmp = root / ".tmp-hf-init"
+            shutil.rmtree(tmp, ignore_errors=True)
             create_tiny_hf_checkpoint(tmp, seed=config.run.seed, **config.model.tiny)
             save_synthetic_tokenizer(tmp)
             os.replace(tmp, hf_dir)
         _wait_for(hf_dir / "config.json")
         config.model.hf_path = str(hf_dir)
     if not config.data.path:
-        data = run_dir / "data" / f"{task}.jsonl"
+        data = root / "data" / f"{task}.jsonl"
         if _rank() == 0 and not data.exists():
             data.parent.mkdir(parents=True, exist_ok=True)
             write_jsonl(generate(task, num_prompts, seed=config.data.seed), data.with_suffix(".tmp"))
@@ -182,35 +211,35 @@ def prepare_quickstart(config: Config, *, task: str, num_prompts: int) -> Config
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from nsr_megatron import parallel
     from nsr_megatron.trainer.loop import train
 
     config: Config = load_config(args.config, args.overrides)
     if getattr(args, "quickstart", False):
         config = prepare_quickstart(config, task=args.task, num_prompts=args.num_prompts)
-    if not config.model.hf_path or not config.data.path:
-        raise ConfigError(
-            "model.hf_path and data.path are required (an HF checkpoint directory and a JSONL/Parquet prompt "
-            "file); or run `nsr-megatron quickstart` to generate both."
-        )
-    rt = train(config, world_size=_world_size(), progress=False if args.no_progress else None)
+    try:
+        rt = train(config, world_size=_world_size(), progress=False if args.no_progress else None)
+    finally:
+        parallel.destroy()
     if rt.is_logger:
         from nsr_megatron.telemetry import read_metrics
+        from nsr_megatron.telemetry.summary import learning_summary
 
         rows = read_metrics(rt.run_dir / "metrics.jsonl")
-        if rows:
-            k = min(5, len(rows))
-            first = sum(r["reward/mean"] for r in rows[:k]) / k
-            last = sum(r["reward/mean"] for r in rows[-k:]) / k
-            print(f"train: {len(rows)} steps in {rt.run_dir}; mean reward first {k}: {first:.3f}, last {k}: {last:.3f}")
-    from nsr_megatron import parallel
-
-    parallel.destroy()
+        verdict = learning_summary([r["reward/mean"] for r in rows]).line() if rows else "no steps were logged"
+        print(f"train: {len(rows)} steps in {rt.run_dir}; {verdict}", flush=True)
     return 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from nsr_megatron.telemetry import plot_reward_comparison, plot_run
 
+    if not args.runs and not args.compare:
+        raise ConfigError("plot: nothing to draw; pass one or more run directories (nsr-megatron plot runs/x) or "
+                          "--compare LABEL=RUN_DIR ...")
+    for run_dir in args.runs:
+        if not (Path(run_dir) / "metrics.jsonl").is_file():
+            raise ConfigError(f"plot: {run_dir} has no metrics.jsonl; pass the run.run_dir of a run.")
     if args.compare:
         runs = []
         for item in args.compare:
@@ -219,10 +248,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
             if not metrics.is_file():
                 raise ConfigError(f"--compare {item!r}: {metrics} does not exist; pass LABEL=RUN_DIR of a finished run.")
             runs.append((label if path else Path(label).name, metrics))
-        out = plot_reward_comparison(runs, args.out or "reward_comparison.png", key=args.key, smooth=args.smooth)
+        out = plot_reward_comparison(runs, args.out or "reward_comparison.png", key=args.key, smooth=args.smooth or 1)
         print(f"plot: wrote {out}")
     for run_dir in args.runs:
-        for path in plot_run(run_dir, smooth=args.smooth):
+        for path in plot_run(run_dir, smooth=args.smooth or None):
             print(f"plot: wrote {path}")
     return 0
 
@@ -241,14 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train, quickstart=False)
 
     quick = sub.add_parser("quickstart", help="RL with NSR on a synthetic task from a tiny random model")
-    add_config_args(quick, str(_examples_dir() / "configs" / "quickstart.yaml"))
+    add_config_args(quick, str(CONFIGS_DIR / "quickstart.yaml"))
     quick.add_argument("--task", default="echo", help="synthetic task: echo | successor | add (default: %(default)s)")
     quick.add_argument("--num-prompts", type=int, default=1024, help="prompts in the generated data set")
     quick.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     quick.set_defaults(func=cmd_train, quickstart=True)
 
     smoke = sub.add_parser("smoke", help="train a tiny MoE a few steps on random tokens, print tokens/s")
-    add_config_args(smoke, str(_examples_dir() / "configs" / "smoke.yaml"))
+    add_config_args(smoke, str(CONFIGS_DIR / "smoke.yaml"))
     smoke.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     smoke.set_defaults(func=cmd_smoke)
 
@@ -257,17 +286,20 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--compare", nargs="+", default=[], metavar="LABEL=RUN_DIR", help="runs to overlay")
     plot.add_argument("--out", default="", help="comparison PNG path (default reward_comparison.png)")
     plot.add_argument("--key", default="reward/mean", help="metric to compare (default: %(default)s)")
-    plot.add_argument("--smooth", type=int, default=1, help="moving-average window in steps")
+    plot.add_argument("--smooth", type=int, default=0,
+                      help="moving-average window in steps (default: a tenth of the run, at most 10)")
     plot.set_defaults(func=cmd_plot, config=None)
 
-    validate = sub.add_parser("validate", help="validate a config against the model and world size; build nothing")
+    validate = sub.add_parser("validate", help="check a config and every input it names; build nothing")
     add_config_args(validate, None)
+    validate.add_argument("--world-size", type=int, default=None,
+                          help="processes of the launch to check (default: $WORLD_SIZE or 1)")
+    validate.add_argument("--nodes", type=int, default=None, help="with --gpus-per-node: world = nodes x GPUs")
+    validate.add_argument("--gpus-per-node", type=int, default=None, help="processes per node")
+    validate.add_argument("--task", default="echo", help="quickstart task when the config names no data")
+    validate.add_argument("--num-prompts", type=int, default=1024, help=argparse.SUPPRESS)
     validate.set_defaults(func=cmd_validate)
     return p
-
-
-def _examples_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "examples"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -282,13 +314,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra
-    if args.config and not Path(args.config).is_file() and args.command in ("smoke", "quickstart"):
-        args.config = None  # installed without the examples folder: use built-in defaults
+    from nsr_megatron.trainer.checkpoint import CheckpointError
+
     try:
         return int(args.func(args))
-    except ConfigError as e:
-        print(f"nsr-megatron: config error: {e}", file=sys.stderr)
+    except ConfigError as e:  # a user mistake, found before any work: one line, no traceback
+        if _rank() == 0:
+            print(f"nsr-megatron: config error: {e}", file=sys.stderr)
         return 2
+    except CheckpointError as e:
+        if _rank() == 0:
+            print(f"nsr-megatron: checkpoint error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ __all__ = [
     "OptimizerConfig",
     "ParallelConfig",
     "RunConfig",
+    "SmokeBatchConfig",
+    "SmokeConfig",
     "apply_overrides",
     "from_dict",
     "load_config",
@@ -63,6 +65,7 @@ class ModelConfig:
     """
 
     hf_path: str = ""
+    tokenizer_path: str = ""  # a folder with the tokenizer files; empty: hf_path
     # With hf_path empty, smoke / quickstart generate a tiny random Qwen3-MoE; these override its config.json.
     tiny: dict[str, Any] = field(default_factory=dict)
     params_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -174,22 +177,38 @@ class CheckpointConfig:
 
 @dataclass(kw_only=True)
 class RunConfig:
-    """Run-level settings: seed, output folder, step count, micro-batching."""
+    """Run-level settings: output folder, seed, number of RL steps, and the no-learning-signal alarm."""
 
     run_dir: str = "runs/default"
     seed: int = 1234
     steps: int = 10
+    # Warn when this many steps in a row had no learning signal (every group's rewards equal); 0 = never.
+    warn_no_signal_steps: int = 5
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, f"run.steps={self.steps} must be >= 1.")
+        _require(
+            self.warn_no_signal_steps >= 0,
+            f"run.warn_no_signal_steps={self.warn_no_signal_steps} must be >= 0 (0 turns the warning off).",
+        )
+
+
+@dataclass(kw_only=True)
+class SmokeBatchConfig:
+    """Random-token batches of ``nsr-megatron smoke`` (the throughput check; RL runs size their batches in
+    ``rollout`` and ``algorithm``)."""
+
     seq_length: int = 128
     micro_batch_size: int = 4
     global_batch_size: int = 16
 
     def __post_init__(self) -> None:
-        _require(self.steps >= 1, f"run.steps={self.steps} must be >= 1.")
-        _require(self.seq_length >= 2, f"run.seq_length={self.seq_length} must be >= 2.")
-        _require(self.micro_batch_size >= 1, f"run.micro_batch_size={self.micro_batch_size} must be >= 1.")
+        _require(self.seq_length >= 2, f"batch.seq_length={self.seq_length} must be >= 2.")
+        _require(self.micro_batch_size >= 1, f"batch.micro_batch_size={self.micro_batch_size} must be >= 1.")
         _require(
             self.global_batch_size >= self.micro_batch_size,
-            f"run.global_batch_size={self.global_batch_size} must be >= run.micro_batch_size={self.micro_batch_size}.",
+            f"batch.global_batch_size={self.global_batch_size} must be >= batch.micro_batch_size="
+            f"{self.micro_batch_size}.",
         )
 
 
@@ -266,6 +285,17 @@ class Config:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
 
 
+@dataclass(kw_only=True)
+class SmokeConfig:
+    """``nsr-megatron smoke``: a model trained a few steps on random tokens (no data, rewards or rollout)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    batch: SmokeBatchConfig = field(default_factory=SmokeBatchConfig)
+
+
 def read_hf_config(hf_path: str | os.PathLike[str]) -> dict[str, Any]:
     """Parse ``config.json`` from an HF checkpoint directory (or the file itself)."""
     path = Path(hf_path)
@@ -322,6 +352,14 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
+# Keys that no longer exist, with where their meaning went.
+_MOVED = {
+    f"run.{k}": f"It is not an RL setting (RL batches are sized by rollout.prompts_per_step, samples_per_prompt "
+    f"and max_new_tokens); `nsr-megatron smoke` takes it as batch.{k}."
+    for k in ("seq_length", "micro_batch_size", "global_batch_size")
+}
+
+
 def from_dict(cls: type[T], data: dict[str, Any], *, prefix: str = "") -> T:
     """Build dataclass ``cls`` from a (nested) dict, rejecting unknown keys with a suggestion."""
     hints = typing.get_type_hints(cls)
@@ -329,9 +367,10 @@ def from_dict(cls: type[T], data: dict[str, Any], *, prefix: str = "") -> T:
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key not in fields:
+            moved = _MOVED.get(prefix + key)
             close = difflib.get_close_matches(key, sorted(fields), n=1)
             hint = f" Did you mean {prefix}{close[0]}?" if close else f" Valid keys: {sorted(fields)}."
-            raise ConfigError(f"unknown config key {prefix + key!r}.{hint}")
+            raise ConfigError(f"unknown config key {prefix + key!r}.{' ' + moved if moved else hint}")
         kwargs[key] = _coerce(value, hints[key], prefix + key)
     try:
         return cls(**kwargs)

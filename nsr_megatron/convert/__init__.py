@@ -15,6 +15,7 @@ read group (``read_budget_bytes``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -160,6 +161,7 @@ def hf_to_mcore(
         "step": step,
         "layout": {"tp": 1, "pp": 1, "ep": 1, "dp": 1},
         "has_optimizer": False,
+        "arch": dataclasses.asdict(arch),
         "meta": {
             "converted_from": str(hf_dir.resolve()),
             "model_type": arch.model_type,

@@ -6,6 +6,8 @@ Legend: B batch, S sequence, V vocabulary (V/tp per tensor-parallel rank).
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -94,15 +96,21 @@ def layer_specs(arch: ArchSpec, model: ModelConfig, config: Any) -> Any:
 
 @dataclass(kw_only=True)
 class ModelBundle:
-    """A built model: ``module`` is what you call; ``optimizer`` is set for the policy only."""
+    """A built model: ``module`` is what you call; ``optimizer`` is set for the policy only.
+
+    A frozen reference built with ``offload=True`` keeps its weights in host memory between uses: its
+    parameters' storage is freed (``untyped_storage().nbytes() == 0``; shapes and the module stay) and
+    :meth:`in_use` restores them around each forward. The weights never change, so the host copy is made
+    once (pinned on CUDA) and offloading again only frees the device storage.
+    """
 
     role: Literal["policy", "reference"]
     arch: ArchSpec
     config: Any  # TransformerConfig
     module: Any  # megatron DDP-wrapped GPTModel (policy) or bare GPTModel (reference)
     optimizer: Any = None  # megatron MegatronOptimizer
-    offloaded: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    offload: bool = False  # reference only: keep the weights in host memory between uses
+    _host: list[tuple[torch.nn.Parameter, torch.Tensor]] = field(default_factory=list, repr=False)
 
     @property
     def gpt(self) -> Any:
@@ -111,17 +119,44 @@ class ModelBundle:
 
         return unwrap_model(self.module)
 
-    def offload(self) -> None:
-        """Move the (frozen) reference weights to host memory between uses."""
-        if self.role != "reference" or self.offloaded or not torch.cuda.is_available():
-            return
-        self.module.to("cpu", non_blocking=True)
-        self.offloaded = True
+    @property
+    def offloaded(self) -> bool:
+        """True while the weights live only in host memory."""
+        return bool(self._host) and all(p.untyped_storage().nbytes() == 0 for p, _ in self._host)
 
-    def onload(self) -> None:
-        if self.offloaded:
-            self.module.to(torch.device("cuda", torch.cuda.current_device()), non_blocking=True)
-            self.offloaded = False
+    @torch.no_grad()
+    def offload_weights(self) -> None:
+        """Free the device storage of every parameter; the values stay in the host copy."""
+        if self.role != "reference":
+            raise ValueError("only the frozen reference model can be offloaded (the policy trains).")
+        if not self._host:
+            pin = torch.cuda.is_available()
+            self._host = [(p, p.detach().to("cpu", copy=True).pin_memory() if pin else p.detach().clone())
+                          for p in self.module.parameters()]
+        for p, _ in self._host:
+            p.untyped_storage().resize_(0)
+
+    @torch.no_grad()
+    def onload_weights(self) -> None:
+        """Give every parameter its storage back and copy its values from the host copy."""
+        for p, host in self._host:
+            if p.untyped_storage().nbytes() == 0:
+                p.untyped_storage().resize_(p.numel() * p.element_size())
+                p.copy_(host, non_blocking=True)
+        if self._host and torch.cuda.is_available():
+            torch.cuda.current_stream().synchronize()
+
+    @contextmanager
+    def in_use(self) -> Iterator[ModelBundle]:
+        """The weights on the device for the duration of the block (a no-op without ``offload``)."""
+        if not self.offload:
+            yield self
+            return
+        self.onload_weights()
+        try:
+            yield self
+        finally:
+            self.offload_weights()
 
 
 def build_model(
@@ -160,10 +195,7 @@ def build_model(
         gpt.eval()
         for p in gpt.parameters():
             p.requires_grad_(False)
-        bundle = ModelBundle(role=role, arch=arch, config=config, module=gpt)
-        if model.offload_reference:
-            bundle.offload()
-        return bundle
+        return ModelBundle(role=role, arch=arch, config=config, module=gpt, offload=model.offload_reference)
 
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig

@@ -14,7 +14,16 @@ import torch.distributed as dist
 
 from nsr_megatron.models.provider import ModelBundle
 
-__all__ = ["MicroBatch", "forward_backward", "forward_logits", "gather_vocab", "optimizer_step"]
+__all__ = [
+    "MicroBatch",
+    "data_parallel_group",
+    "forward_backward",
+    "forward_logits",
+    "gather_vocab",
+    "optimizer_step",
+    "reduce_stats",
+    "train_step",
+]
 
 # A micro-batch: {"tokens": [B, S] int64, "position_ids": [B, S] int64 (optional), ...any extras}.
 MicroBatch = dict[str, torch.Tensor]
@@ -89,14 +98,48 @@ def forward_backward(
     )
 
 
-def optimizer_step(bundle: ModelBundle, *, lr: float | None = None) -> dict[str, float]:
-    """Apply the accumulated gradients; returns ``grad_norm`` and whether the update happened."""
+def optimizer_step(bundle: ModelBundle, *, lr: float | None = None) -> float:
+    """Apply the accumulated gradients (clipped by megatron's optimizer); returns the gradient norm."""
     opt = bundle.optimizer
     if lr is not None:
         for group in opt.param_groups:
             group["lr"] = lr
-    ok, grad_norm, _ = opt.step()
-    return {"grad_norm": float(grad_norm) if grad_norm is not None else 0.0, "update_ok": float(bool(ok))}
+    _, grad_norm, _ = opt.step()
+    return float(grad_norm) if grad_norm is not None else 0.0
+
+
+def _local_nonfinite_grads(bundle: ModelBundle) -> bool:
+    """Whether any gradient in this rank's DDP buffers is NaN or inf (all of them, not only the shard this
+    rank's distributed optimizer owns: a bad contribution anywhere poisons the reduced value)."""
+    ddp = bundle.module
+    buffers = list(getattr(ddp, "buffers", [])) + list(getattr(ddp, "expert_parallel_buffers", []))
+    if buffers:
+        return any(not bool(torch.isfinite(b.grad_data).all()) for b in buffers)
+    return any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in ddp.parameters())
+
+
+def train_step(
+    bundle: ModelBundle, micro_batches: list[MicroBatch], loss_fn: LossFn, *, lr: float
+) -> tuple[list[dict[str, torch.Tensor]], float | None]:
+    """One optimizer step over ``micro_batches``: forward, backward, then the update, unless anything is
+    non-finite. Returns ``(loss_fn metrics per micro-batch, gradient norm)``; the norm is ``None`` when the
+    step was skipped.
+
+    The step is skipped on every rank (a collective decision) when a loss, a log-prob counted by
+    ``loss_fn`` (its ``nonfinite_sum`` metric) or a gradient anywhere is NaN or inf: the weights and the
+    optimizer state are left exactly as they were and the gradients are cleared.
+    """
+    zero_grads(bundle)
+    sums = forward_backward(bundle, micro_batches, loss_fn)
+    bad = any(not bool(torch.isfinite(d["loss_sum"])) or float(d.get("nonfinite_sum", 0.0)) > 0
+              for d in sums if "loss_sum" in d)
+    flag = torch.tensor([float(bad or _local_nonfinite_grads(bundle))])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() > 0:
+        zero_grads(bundle)
+        return sums, None
+    return sums, optimizer_step(bundle, lr=lr)
 
 
 def zero_grads(bundle: ModelBundle) -> None:
@@ -204,6 +247,41 @@ def policy_loss_fn(
             rollout_logprobs=batch.get("rollout_logprobs"),
             entropy=entropy.detach(),
         )
-        return loss * scale, {**sums, "loss_sum": loss.detach().double()}
+        # Masked tokens whose log-probs (current, old, reference or rollout) are NaN / inf: train_step skips.
+        nonfinite = torch.zeros(lp.shape, dtype=torch.bool, device=lp.device)
+        for x in (lp.detach(), batch["old_logprobs"], batch.get("ref_logprobs"), batch.get("rollout_logprobs")):
+            if x is not None:
+                nonfinite |= ~torch.isfinite(x)
+        bad = (nonfinite & (batch["mask"] > 0)).sum().double()
+        return loss * scale, {**sums, "loss_sum": loss.detach().double(), "nonfinite_sum": bad}
 
     return fn
+
+
+def data_parallel_group() -> Any:
+    """The data-parallel process group (the loss's denominators are summed over it)."""
+    from megatron.core import parallel_state as mpu
+
+    return mpu.get_data_parallel_group()
+
+
+def reduce_stats(per_micro: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Sum the loss statistics over micro-batches and all ranks; every rank gets the result.
+
+    Only last-pipeline-stage, tensor-rank-0 processes contribute (the loss runs there, identically on each TP
+    rank), so nothing is counted twice.
+    """
+    from megatron.core import parallel_state as mpu
+
+    local: dict[str, float] = {}
+    if mpu.is_pipeline_last_stage() and mpu.get_tensor_model_parallel_rank() == 0:
+        for d in per_micro:
+            for k, v in d.items():
+                local[k] = local.get(k, 0.0) + float(v)
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    total: dict[str, float] = {}
+    for d in gathered:
+        for k, v in d.items():
+            total[k] = total.get(k, 0.0) + v
+    return total

@@ -15,6 +15,7 @@ under one TP / PP / EP layout loads under another.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -28,7 +29,7 @@ import torch.distributed as dist
 from nsr_megatron.convert.io import META_FILE, commit_checkpoint_dir
 from nsr_megatron.models.state import unwrap_model
 
-__all__ = ["latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CheckpointError", "checkpoint_arch", "latest_checkpoint", "load_checkpoint", "read_meta", "save_checkpoint"]
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _OPT_META = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
@@ -51,6 +52,33 @@ def _sharded_state(model: torch.nn.Module, optimizer: Any, *, is_loading: bool) 
     return state
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the message names the folder, the reason and the fix."""
+
+
+def _all_ok(ok: bool) -> bool:
+    """True on every rank iff ``ok`` on every rank (a collective when a process group exists)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return ok
+    flag = torch.tensor([1.0 if ok else 0.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The innermost reason of a (possibly wrapped, multi-line) write error, on one line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reason = next((line for line in reversed(lines) if "Error" in line or "error" in line), lines[-1] if lines else "")
+    return f"{type(exc).__name__}: {reason[:300]}"
+
+
+def optimizer_has_state(optimizer: Any) -> bool:
+    """Whether the optimizer has taken a step (Adam state exists) on every rank; before the first step there is
+    nothing to save, and megatron cannot save it."""
+    inner = [getattr(opt, "optimizer", None) for opt in getattr(optimizer, "chained_optimizers", [optimizer])]
+    return _all_ok(all(o is not None and len(o.state) > 0 for o in inner))
+
+
 def save_checkpoint(
     root: str | os.PathLike[str],
     step: int,
@@ -58,12 +86,18 @@ def save_checkpoint(
     optimizer: Any = None,
     *,
     meta: dict[str, Any] | None = None,
+    arch: dict[str, Any] | None = None,
     keep_last: int | None = None,
 ) -> Path:
     """Save ``model`` (+ ``optimizer``) as ``<root>/step_<step>`` atomically; return its path.
 
-    Collective: every rank must call it. ``meta`` (JSON-serialisable) is stored in ``nsr_meta.json``.
+    Collective: every rank must call it. ``meta`` (JSON-serialisable) is stored in ``nsr_meta.json``, and so is
+    ``arch`` (the model's architecture fields, checked when the checkpoint is loaded). An optimizer that has not
+    stepped yet has no state: the checkpoint then holds the weights only (``has_optimizer: false``).
     ``keep_last`` deletes older complete checkpoints beyond that count.
+
+    Raises :class:`CheckpointError` on every rank when any rank fails to write (disk full, a file-size limit,
+    permissions): the half-written folder is removed and the previous checkpoints are untouched.
     """
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as mpu
@@ -71,15 +105,27 @@ def save_checkpoint(
     root = Path(root)
     name = f"step_{step:08d}"
     final, tmp = root / name, root / f".tmp-{name}"
+    if optimizer is not None and not optimizer_has_state(optimizer):
+        optimizer = None
+    reason = ""
     if _rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    _barrier()
-    dist_checkpointing.save(_sharded_state(model, optimizer, is_loading=False), str(tmp))
-    _barrier()
-    if _rank() == 0:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        except OSError as exc:
+            reason = _first_line(exc)
+    ok = _all_ok(not reason)
+    if ok:
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+        try:
+            dist_checkpointing.save(_sharded_state(model, optimizer, is_loading=False), str(tmp))
+        except (Exception, CheckpointException) as exc:  # noqa: BLE001 - any write failure: keep the old ones
+            reason = _first_line(exc)
+        ok = _all_ok(not reason)
+    if ok and _rank() == 0:
         info = {
             "step": step,
             "layout": {
@@ -89,12 +135,26 @@ def save_checkpoint(
                 "dp": mpu.get_data_parallel_world_size(),
             },
             "has_optimizer": optimizer is not None,
+            "arch": arch,
             "meta": meta or {},
         }
-        commit_checkpoint_dir(tmp, final, info)
-        if keep_last:
-            for old in _complete_checkpoints(root)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+        try:
+            commit_checkpoint_dir(tmp, final, info)
+        except OSError as exc:
+            reason = _first_line(exc)
+    ok = _all_ok(not reason)
+    if not ok:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(root)
+        raise CheckpointError(
+            f"could not write checkpoint {name} into {root}: {reason or 'another rank failed to write its shard'}. "
+            f"{f'The previous checkpoint {previous.name} is intact' if previous else 'No earlier checkpoint exists'}"
+            f"; free disk space or fix the folder's permissions and file-size limit, then rerun the same command "
+            f"to resume from it.")
+    if _rank() == 0 and keep_last:
+        for old in _complete_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
 
@@ -115,6 +175,23 @@ def latest_checkpoint(root: str | os.PathLike[str]) -> Path | None:
 def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     with open(Path(path) / META_FILE, encoding="utf-8") as f:
         return dict(json.load(f))
+
+
+def checkpoint_arch(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The architecture fields of the model a checkpoint holds: recorded at save time, or read from the HF config
+    a conversion kept (or the run's ``config.yaml`` names) for checkpoints that predate the record; None when
+    neither exists."""
+    from nsr_megatron.config import read_hf_config
+    from nsr_megatron.convert import find_hf_config
+    from nsr_megatron.models.hf_config import arch_from_hf
+
+    info = read_meta(path)
+    if isinstance(info.get("arch"), dict):
+        return dict(info["arch"])
+    try:
+        return dataclasses.asdict(arch_from_hf(read_hf_config(find_hf_config(Path(path)))))
+    except Exception:  # noqa: BLE001 - an old checkpoint without a findable config: nothing to compare
+        return None
 
 
 def _fix_torch_adam_step_on_load() -> None:
@@ -220,7 +297,7 @@ def load_checkpoint(
     if not (path / META_FILE).is_file():
         raise FileNotFoundError(
             f"{path} is not a complete nsr-megatron checkpoint (no {META_FILE}); pass a step_* folder "
-            "written by save_checkpoint, or use --resume auto to pick the newest complete one."
+            "written by save_checkpoint, or set checkpoint.resume=auto to pick the newest complete one."
         )
     info = read_meta(path)
     if optimizer is not None and not info.get("has_optimizer", False):

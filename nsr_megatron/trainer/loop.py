@@ -6,7 +6,8 @@ Every rank runs the same rollout (same weights, same seed), then trains on its d
 
 from __future__ import annotations
 
-import time
+import dataclasses
+import logging
 from typing import Any
 
 import torch
@@ -14,86 +15,95 @@ import torch
 from nsr_megatron.losses import global_sums, loss_denominators, summarize_metrics
 from nsr_megatron.losses.rng import mix64_int
 from nsr_megatron.rollout import SamplingParams
+from nsr_megatron.telemetry.status import PhaseTimer
 from nsr_megatron.trainer import actor
 from nsr_megatron.trainer.advantages import group_advantages, informative_groups
 from nsr_megatron.trainer.experience import Sample, dp_shard, mini_batches, pack_micro_batches
 from nsr_megatron.trainer.runtime import Runtime, lr_at
 
+log = logging.getLogger(__name__)
+
 __all__ = ["rl_step", "sample_batch", "train"]
+
+# The loss statistics of a step that trained nothing (written as null).
+_NOT_TRAINED = dict.fromkeys(("loss", "grad_norm", "clip_frac", "clip_frac/upper", "clip_frac/lower", "rescue_frac",
+                              "entropy", "kl_old"))
 
 
 def train(config: Any, *, world_size: int = 1, progress: bool | None = None) -> Runtime:
-    """Run ``config.run.steps`` RL steps (resuming when asked), logging, checkpointing and plotting."""
+    """Check every input, then run ``config.run.steps`` RL steps (resuming when asked), logging, checkpointing
+    and plotting. Raises ``ConfigError`` before any process group exists when an input is wrong."""
     from nsr_megatron.telemetry import MetricsWriter, ProgressBar, plot_run
     from nsr_megatron.trainer.checkpoint import save_checkpoint
+    from nsr_megatron.trainer.preflight import preflight
     from nsr_megatron.trainer.runtime import build_runtime
 
-    rt = build_runtime(config, world_size=world_size)
+    inputs = preflight(config, world_size=world_size)
+    rt = build_runtime(config, inputs, world_size=world_size)
     run, ckpt = config.run, config.checkpoint
-    resumed = rt.start_step > 0 or "resumed_meta" in rt.extra
-    writer = MetricsWriter(rt.run_dir, resume_step=rt.start_step if resumed else None, overwrite=not resumed) if rt.is_logger else None
+    writer = MetricsWriter(rt.run_dir, resume_step=rt.start_step if rt.resumed else None,
+                           overwrite=not rt.resumed) if rt.is_logger else None
     bar = ProgressBar(run.steps, initial_step=rt.start_step, rank=rt.state.rank, enabled=progress, log_every=10)
-    sync_weights(rt)  # the engine starts from the policy's (possibly resumed) weights
-    for step in range(rt.start_step, run.steps):
-        metrics = {"step": step + 1, **rl_step(rt, step)}
+    phases = PhaseTimer(rt.run_dir, write_status=rt.is_logger)
+    try:
+        sync_weights(rt)  # the engine starts from the policy's (possibly resumed) weights
+        for step in range(rt.start_step, run.steps):
+            phases.start_step(step + 1)
+            metrics = {"step": step + 1, **rl_step(rt, step, phases)}
+            if writer is not None:
+                writer.log(step + 1, metrics)
+            bar.update(step + 1, metrics)
+            if (ckpt.save_interval and (step + 1) % ckpt.save_interval == 0) or step + 1 == run.steps:
+                with phases("checkpoint"):
+                    save_checkpoint(rt.run_dir / "checkpoints", step + 1, rt.policy.module, rt.policy.optimizer,
+                                    meta={"step": step + 1, "sampler": rt.sampler.state_dict(),
+                                          "counters": rt.counters},
+                                    arch=dataclasses.asdict(rt.arch), keep_last=ckpt.keep_last)
+        phases.mark("done")
+    finally:
+        bar.close()
+        rt.scorer.close()
         if writer is not None:
-            writer.log(step + 1, metrics)
-        bar.update(step + 1, metrics)
-        if (ckpt.save_interval and (step + 1) % ckpt.save_interval == 0) or step + 1 == run.steps:
-            save_checkpoint(rt.run_dir / "checkpoints", step + 1, rt.policy.module, rt.policy.optimizer,
-                            meta={"step": step + 1, "sampler": rt.sampler.state_dict()}, keep_last=ckpt.keep_last)
-        _crash_for_testing(step + 1)
-    bar.close()
-    rt.scorer.close()
+            writer.close()
     if writer is not None:
-        writer.close()
         plot_run(rt.run_dir)
     return rt
 
 
-def _crash_for_testing(step: int) -> None:
-    """``NSR_KILL_AFTER_STEP=N`` SIGKILLs this process's whole process group right after step N (and its
-    checkpoint), as a scheduler killing a job would: the resume tests use it to prove that a killed run
-    continues exactly. Start the run in its own session (``setsid``) when you use it."""
-    import os
-    import signal
-
-    if os.environ.get("NSR_KILL_AFTER_STEP") == str(step):
-        os.killpg(os.getpgid(0), signal.SIGKILL)
-
-
-def sample_batch(rt: Runtime, step: int) -> tuple[list[Sample], dict[str, float]]:
+def sample_batch(rt: Runtime, step: int, phases: PhaseTimer) -> tuple[list[Sample], dict[str, float], dict[str, Any]]:
     """Generate G responses per prompt, score them, compute group advantages (DAPO dynamic sampling
-    optional: keep only groups with differing rewards, sample more prompts, at most N rounds)."""
+    optional: keep only groups with differing rewards, sample more prompts, at most N rounds).
+
+    Returns the samples to train on, the step's rollout metrics, and one scored example (for messages)."""
     cfg, G = rt.config, rt.config.rollout.samples_per_prompt
-    params = SamplingParams(
-        max_new_tokens=cfg.rollout.max_new_tokens,
-        temperature=cfg.rollout.temperature,
-        top_p=cfg.rollout.top_p,
-        top_k=cfg.rollout.top_k,
-        stop_token_ids=(rt.tokenizer.eos_token_id,) if rt.tokenizer.eos_token_id is not None else (),
-    )
+    params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                            top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, stop_token_ids=rt.stop_token_ids)
     groups: list[tuple[Any, list[Any], torch.Tensor]] = []
     all_rewards: list[float] = []
     lengths: list[int] = []
-    stats = {"reward/errors": 0.0, "reward/timeouts": 0.0, "rollout/rounds": 0.0, "timing/rewards": 0.0}
+    stats = dict.fromkeys(("reward/errors", "reward/invalid", "reward/worker_crashes", "reward/timeouts",
+                           "rollout/rounds", "rollout/dropped_groups"), 0.0)
+    example: dict[str, Any] = {}
     for round_ in range(cfg.algorithm.max_sampling_rounds if cfg.algorithm.dynamic_sampling else 1):
         records = [rt.dataset[i] for i in rt.sampler.next_batch()]
-        prompts = [rt.tokenizer(r.prompt, add_special_tokens=False)["input_ids"] for r in records]
-        gens = rt.engine.generate(prompts, params, n=G, seed=mix64_int(cfg.run.seed * 1_000_003 + step * 131 + round_) >> 1)
+        with phases("rollout"):
+            gens = rt.engine.generate([list(r.prompt_ids) for r in records], params, n=G,
+                                      seed=mix64_int(cfg.run.seed * 1_000_003 + step * 131 + round_) >> 1)
         flat = [g for per_prompt in gens for g in per_prompt]
-        texts = [rt.tokenizer.decode(g.response_ids, skip_special_tokens=False) for g in flat]
-        answers = [r.answer for r in records for _ in range(G)]
-        t_reward = time.perf_counter()
-        rewards, rstats = rt.scorer.score_batch(texts, answers, [len(g.response_ids) for g in flat])
-        stats["timing/rewards"] = stats.get("timing/rewards", 0.0) + time.perf_counter() - t_reward
-        stats["reward/errors"] += rstats.errors
-        stats["reward/timeouts"] += rstats.timeouts
+        with phases("rewards"):
+            texts = [rt.tokenizer.decode(g.response_ids, skip_special_tokens=False) for g in flat]
+            answers = [r.answer for r in records for _ in range(G)]
+            rewards, rstats = rt.scorer.score_batch(texts, answers, [len(g.response_ids) for g in flat])
+        for key, value in rstats.as_metrics().items():
+            stats[key] += value
         stats["rollout/rounds"] += 1
         all_rewards += rewards
         lengths += [len(g.response_ids) for g in flat]
+        example = example or {"prompt": records[0].prompt, "response": texts[0], "answer": answers[0],
+                              "reward": rewards[0]}
         r = torch.tensor(rewards, dtype=torch.float32).view(len(records), G)  # [N, G]
         keep = informative_groups(r) if cfg.algorithm.dynamic_sampling else torch.ones(len(records), dtype=torch.bool)
+        stats["rollout/dropped_groups"] += float((~keep).sum())
         groups += [(records[i], gens[i], r[i]) for i in range(len(records)) if keep[i]]
         if len(groups) >= cfg.rollout.prompts_per_step:
             break
@@ -102,67 +112,105 @@ def sample_batch(rt: Runtime, step: int) -> tuple[list[Sample], dict[str, float]
         "reward/mean": sum(all_rewards) / max(1, len(all_rewards)),
         "response_length/mean": sum(lengths) / max(1, len(lengths)),
         "rollout/kept_groups": float(len(groups)),
+        # kept groups whose rewards are all equal: zero advantages, no learning signal
+        "rollout/uniform_groups": float(sum(not bool(informative_groups(g[2][None])[0]) for g in groups)),
     })
     if not groups:
-        return [], stats
+        return [], stats, example
     adv = group_advantages(torch.stack([g[2] for g in groups]), normalize_std=cfg.algorithm.normalize_std)
     samples = [
         Sample(uid=i * G + j, prompt_ids=gen.prompt_ids, response_ids=gen.response_ids,
                rollout_logprobs=gen.response_logprobs, reward=float(rew[j]), advantage=float(adv[i, j]))
         for i, (_, gens_i, rew) in enumerate(groups) for j, gen in enumerate(gens_i)
     ]
-    return samples, stats
+    return samples, stats, example
 
 
-def rl_step(rt: Runtime, step: int) -> dict[str, float]:
+def rl_step(rt: Runtime, step: int, phases: PhaseTimer) -> dict[str, float | None]:
     """One RL step; returns the step's global metrics (identical on every rank)."""
-    from megatron.core import parallel_state as mpu
-
-    cfg, timing = rt.config, {}
-    t0 = time.perf_counter()
-    samples, metrics = sample_batch(rt, step)
-    timing["timing/rollout"] = time.perf_counter() - t0 - metrics["timing/rewards"]  # generation only
+    cfg = rt.config
+    samples, metrics, example = sample_batch(rt, step, phases)
+    _watch_learning_signal(rt, step, metrics, example)
+    # Every data-parallel rank needs a sample for each optimizer step, or the ranks would disagree on the steps.
+    steps_here = min(cfg.algorithm.mini_batches, len(samples) // rt.state.dp_size)
+    if steps_here == 0:
+        rt.counters["rollout/empty_steps"] += 1
+        log.warning("step %d trained nothing: %s. The run goes on (rollout/empty_steps=%d).", step + 1,
+                    f"dynamic sampling kept no group in {int(metrics['rollout/rounds'])} rounds" if not samples else
+                    f"{len(samples)} samples cannot feed {rt.state.dp_size} data-parallel ranks",
+                    rt.counters["rollout/empty_steps"])
+        return {**metrics, **_NOT_TRAINED, **_counters(rt), **phases.timings()}
     mine = dp_shard(samples, rt.state.dp_rank, rt.state.dp_size)
-    dp_group = mpu.get_data_parallel_group()
-    sums: list[dict[str, torch.Tensor]] = []
-    grad_norms: list[float] = []
     pack = dict(max_tokens=cfg.algorithm.max_tokens_per_micro_batch, pad_id=_pad_id(rt),
                 seq_multiple=cfg.parallel.tp if cfg.parallel.sequence_parallel else 1,
-                seq_len=max((len(s.prompt_ids) + len(s.response_ids) for s in samples), default=2))
+                seq_len=max(len(s.prompt_ids) + len(s.response_ids) for s in samples))
     # Old (and reference) log-probs of every sample come from the weights that generated them: all of
     # them are computed before the first optimizer step of this RL step.
-    t1 = time.perf_counter()
-    batches = [pack_micro_batches(mini, **pack) for mini in mini_batches(mine, cfg.algorithm.mini_batches)] if samples else []
-    for micro in batches:
-        _attach_logprobs(rt, micro)
-    timing["timing/logprobs"] = time.perf_counter() - t1
-    t2 = time.perf_counter()
-    for k, micro in enumerate(batches):
-        den = global_sums([loss_denominators(cfg.loss, mb["mask"], old_logprobs=mb["old_logprobs"],
-                                             rollout_logprobs=mb["rollout_logprobs"]) for mb in micro], [dp_group])
-        loss_fn = actor.policy_loss_fn(cfg.loss, step=step, temperature=cfg.rollout.temperature,
-                                       global_num_tokens=den["tokens"], global_num_seqs=den["seqs"],
-                                       scale=float(len(micro) * rt.state.dp_size))
-        actor.zero_grads(rt.policy)
-        sums += actor.forward_backward(rt.policy, micro, loss_fn)
-        opt_step = step * cfg.algorithm.mini_batches + k
-        lr = lr_at(opt_step, lr=cfg.optimizer.lr, min_lr=cfg.optimizer.min_lr, warmup=cfg.optimizer.warmup_steps,
-                   total=cfg.run.steps * cfg.algorithm.mini_batches, schedule=cfg.optimizer.lr_schedule)
-        grad_norms.append(actor.optimizer_step(rt.policy, lr=lr)["grad_norm"])
-    timing["timing/train"] = time.perf_counter() - t2
-    t3 = time.perf_counter()
-    sync_weights(rt)
-    timing["timing/weight_sync"] = time.perf_counter() - t3
-    reduced = _reduce_to_all(sums)
-    loss_stats = summarize_metrics(reduced)
-    loss_stats["loss"] = reduced.get("loss_sum", 0.0) / max(1, len(grad_norms))  # mean over optimizer steps
-    timing["timing/step"] = time.perf_counter() - t0
-    return {**metrics, **loss_stats, "grad_norm": max(grad_norms, default=0.0), "lr": lr if grad_norms else 0.0,
-            **timing}
+    with phases("logprobs"):
+        batches = [pack_micro_batches(mini, **pack) for mini in mini_batches(mine, steps_here)]
+        for micro in batches:
+            _attach_logprobs(rt, micro)
+    sums: list[dict[str, torch.Tensor]] = []
+    grad_norms: list[float] = []
+    lr = 0.0
+    with phases("train"):
+        for k, micro in enumerate(batches):
+            den = global_sums([loss_denominators(cfg.loss, mb["mask"], old_logprobs=mb["old_logprobs"],
+                                                 rollout_logprobs=mb["rollout_logprobs"]) for mb in micro],
+                              [actor.data_parallel_group()])
+            loss_fn = actor.policy_loss_fn(cfg.loss, step=step, temperature=cfg.rollout.temperature,
+                                           global_num_tokens=den["tokens"], global_num_seqs=den["seqs"],
+                                           scale=float(len(micro) * rt.state.dp_size))
+            opt_step = step * cfg.algorithm.mini_batches + k
+            lr = lr_at(opt_step, lr=cfg.optimizer.lr, min_lr=cfg.optimizer.min_lr, warmup=cfg.optimizer.warmup_steps,
+                       total=cfg.run.steps * cfg.algorithm.mini_batches, schedule=cfg.optimizer.lr_schedule)
+            step_sums, grad_norm = actor.train_step(rt.policy, micro, loss_fn, lr=lr)
+            if grad_norm is None:
+                rt.counters["train/skipped_steps"] += 1
+                log.warning("step %d, optimizer step %d: a loss, log-prob or gradient is NaN or inf; the update was "
+                            "skipped (weights and optimizer state unchanged; train/skipped_steps=%d).",
+                            step + 1, k + 1, rt.counters["train/skipped_steps"])
+                continue
+            sums += step_sums
+            grad_norms.append(grad_norm)
+    if grad_norms:  # the weights changed: the engine samples the next step from the new ones
+        with phases("weight_sync"):
+            sync_weights(rt)
+    reduced = actor.reduce_stats(sums)
+    loss_stats: dict[str, float | None] = {**_NOT_TRAINED, **summarize_metrics(reduced)} if grad_norms else dict(
+        _NOT_TRAINED)
+    if grad_norms:
+        loss_stats["loss"] = reduced.get("loss_sum", 0.0) / len(grad_norms)  # mean over optimizer steps
+        loss_stats["grad_norm"] = max(grad_norms)
+    return {**metrics, **loss_stats, "lr": lr, **_counters(rt), **phases.timings()}
+
+
+def _counters(rt: Runtime) -> dict[str, float]:
+    return {k: v for k, v in rt.counters.items() if "/" in k}
+
+
+def _watch_learning_signal(rt: Runtime, step: int, metrics: dict[str, float], example: dict[str, Any]) -> None:
+    """Count steps in a row whose kept groups all had equal rewards (zero advantages everywhere); warn every
+    ``run.warn_no_signal_steps`` of them with the likely causes."""
+    signal = metrics["rollout/kept_groups"] > metrics["rollout/uniform_groups"]
+    rt.counters["no_signal_streak"] = 0.0 if signal else rt.counters["no_signal_streak"] + 1
+    streak, every = int(rt.counters["no_signal_streak"]), rt.config.run.warn_no_signal_steps
+    if not every or not streak or streak % every:
+        return
+    cfg = rt.config
+    log.warning(
+        "no learning signal for %d steps in a row (steps %d-%d): every group of %d samples got equal rewards (mean "
+        "reward %.3f), so every advantage is 0. Likely causes: the reward (reward.name=%r) does not accept the "
+        "responses' format; the answers (data.answer_key=%r) are not what it compares against; or the prompt "
+        "template does not ask for the format the reward parses. Example: prompt %r -> response %r, answer %r, "
+        "reward %s.", streak, step + 2 - streak, step + 1, cfg.rollout.samples_per_prompt, metrics["reward/mean"],
+        cfg.reward.name, cfg.data.answer_key, example.get("prompt", "")[-120:], example.get("response", "")[:120],
+        example.get("answer"), example.get("reward"))
 
 
 def _pad_id(rt: Runtime) -> int:
-    return int(rt.tokenizer.pad_token_id if rt.tokenizer.pad_token_id is not None else rt.tokenizer.eos_token_id)
+    tok = rt.tokenizer
+    return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id or 0)
 
 
 def _attach_logprobs(rt: Runtime, micro: list[dict[str, torch.Tensor]]) -> None:
@@ -172,34 +220,14 @@ def _attach_logprobs(rt: Runtime, micro: list[dict[str, torch.Tensor]]) -> None:
         old = actor.token_logprobs(rt.policy, micro, temperature=temp)
     else:
         old = [mb["rollout_logprobs"] for mb in micro]
-    ref = actor.token_logprobs(rt.reference, micro, temperature=temp) if rt.reference is not None else None
+    ref = None
+    if rt.reference is not None:
+        with rt.reference.in_use():  # an offloaded reference comes back to the device for this forward only
+            ref = actor.token_logprobs(rt.reference, micro, temperature=temp)
     for i, mb in enumerate(micro):
         mb["old_logprobs"] = old[i] if old is not None else torch.zeros_like(mb["mask"])
         if ref is not None:
             mb["ref_logprobs"] = ref[i]
-
-
-def _reduce_to_all(per_micro: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Sum the loss statistics over micro-batches and data-parallel ranks; every rank gets the result.
-
-    Only last-pipeline-stage, tensor-rank-0 processes hold statistics (the loss runs there, identically
-    on each TP rank), so the others contribute nothing.
-    """
-    import torch.distributed as dist
-    from megatron.core import parallel_state as mpu
-
-    local: dict[str, float] = {}
-    if mpu.is_pipeline_last_stage() and mpu.get_tensor_model_parallel_rank() == 0:
-        for d in per_micro:
-            for k, v in d.items():
-                local[k] = local.get(k, 0.0) + float(v)
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, local)
-    total: dict[str, float] = {}
-    for d in gathered:
-        for k, v in d.items():
-            total[k] = total.get(k, 0.0) + v
-    return total
 
 
 def sync_weights(rt: Runtime) -> None:
@@ -207,4 +235,5 @@ def sync_weights(rt: Runtime) -> None:
     from nsr_megatron.convert.mapping import canonical_to_hf_state
     from nsr_megatron.models.state import canonical_state
 
-    rt.engine.update_weights(canonical_to_hf_state(rt.arch, canonical_state(rt.policy.module)))
+    rt.engine.update_weights(canonical_to_hf_state(rt.arch, canonical_state(rt.policy.module)).items())
+

@@ -1,26 +1,36 @@
-"""Everything a run needs, built once from the config: run directory, tokenizer, data, rewards, rollout
-engine, policy and reference models, and the resume point. The loop (``loop.py``) only uses it."""
+"""Everything a run needs, built once from the config and the checked inputs of :mod:`.preflight`: process groups,
+run directory, sampler, rewards, rollout engine, policy and reference models, and the resume point. The loop
+(``loop.py``) only uses it."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 import yaml
 
-from nsr_megatron.config import Config, read_hf_config, to_dict
-from nsr_megatron.models.hf_config import ArchSpec, arch_from_hf, validate_layout
+from nsr_megatron.config import Config, to_dict
+from nsr_megatron.data.datasets import EpochSampler, PromptDataset
+from nsr_megatron.models.hf_config import ArchSpec
 from nsr_megatron.parallel import ParallelState
+from nsr_megatron.rewards.scorer import RewardScorer
+from nsr_megatron.rollout.engine import RolloutEngine
+from nsr_megatron.trainer.preflight import RunInputs
+
+if TYPE_CHECKING:
+    from nsr_megatron.models.provider import ModelBundle
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Runtime", "build_runtime", "hf_weights_to_canonical", "lr_at"]
+__all__ = ["COUNTERS", "Runtime", "build_runtime", "hf_weights_to_canonical", "lr_at"]
+
+# Run-long counts kept in every checkpoint, so a resumed run continues them.
+COUNTERS = ("rollout/empty_steps", "train/skipped_steps", "no_signal_streak")
 
 
 @dataclass(kw_only=True)
@@ -29,15 +39,17 @@ class Runtime:
     arch: ArchSpec
     state: ParallelState
     run_dir: Path
-    tokenizer: Any
-    dataset: Any
-    sampler: Any
-    scorer: Any
-    engine: Any
-    policy: Any
-    reference: Any = None
+    tokenizer: Any  # transformers PreTrainedTokenizerBase
+    dataset: PromptDataset
+    sampler: EpochSampler
+    scorer: RewardScorer
+    engine: RolloutEngine
+    policy: ModelBundle
+    reference: ModelBundle | None = None
+    stop_token_ids: tuple[int, ...] = ()
     start_step: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    resumed: bool = False
+    counters: dict[str, float] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0.0))
 
     @property
     def is_logger(self) -> bool:
@@ -71,7 +83,7 @@ def hf_weights_to_canonical(hf_dir: str | os.PathLike[str], arch: ArchSpec) -> d
     return {k: v.float() for k, v in hf_state_to_canonical(arch, tensors).items()}
 
 
-def _make_engine(config: Config, state: ParallelState) -> Any:
+def _make_engine(config: Config, state: ParallelState) -> RolloutEngine:
     """The rollout engine: in-process on every rank (identical samples everywhere), or an HTTP server."""
     from nsr_megatron.rollout import EmbeddedEngine, HttpEngine
 
@@ -92,47 +104,39 @@ def _write_resolved_config(config: Config, run_dir: Path) -> None:
     os.replace(tmp, run_dir / "config.yaml")
 
 
-def build_runtime(config: Config, *, world_size: int) -> Runtime:
-    """Validate, then build every component. Collective under torchrun (all ranks call it)."""
-    from transformers import AutoTokenizer
-
+def build_runtime(config: Config, inputs: RunInputs, *, world_size: int) -> Runtime:
+    """Build every component from checked inputs (:func:`.preflight.preflight`). Collective under torchrun."""
     from nsr_megatron import parallel
-    from nsr_megatron.data.datasets import EpochSampler, PromptDataset
     from nsr_megatron.models.provider import build_model
     from nsr_megatron.models.state import load_canonical_state
-    from nsr_megatron.rewards.scorer import RewardScorer
-    from nsr_megatron.trainer.checkpoint import latest_checkpoint, load_checkpoint, read_meta
+    from nsr_megatron.trainer.checkpoint import load_checkpoint, read_meta
 
-    arch = arch_from_hf(read_hf_config(config.model.hf_path))
-    validate_layout(arch, config.model, config.parallel, world_size)  # before any work
-    run_dir = Path(config.run.run_dir)
+    arch, run_dir = inputs.arch, Path(config.run.run_dir)
     state = parallel.initialize(config.parallel, seed=config.run.seed)
     if state.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_resolved_config(config, run_dir)
-    tokenizer = AutoTokenizer.from_pretrained(config.model.hf_path)
-    dataset = PromptDataset(config.data, tokenizer)
-    sampler = EpochSampler(len(dataset), config.rollout.prompts_per_step, seed=config.data.seed, shuffle=config.data.shuffle)
-    scorer = RewardScorer(config.reward)
-    engine = _make_engine(config, state)
-
+    sampler = EpochSampler(len(inputs.dataset), config.rollout.prompts_per_step, seed=config.data.seed,
+                           shuffle=config.data.shuffle)
     policy = build_model(arch, model=config.model, parallel=config.parallel, role="policy", optimizer=config.optimizer)
     reference = None
     if config.loss.kl_coef > 0:
         reference = build_model(arch, model=config.model, parallel=config.parallel, role="reference")
 
-    ckpt_root = run_dir / "checkpoints"
+    counters = dict.fromkeys(COUNTERS, 0.0)
     start_step = 0
-    resume_from = latest_checkpoint(ckpt_root) if config.checkpoint.resume == "auto" else None
-    if resume_from is not None:
-        meta = load_checkpoint(resume_from, policy.module, policy.optimizer)["meta"]
+    initial: dict[str, torch.Tensor] | None = None  # the HF weights, read once for policy and reference
+    if inputs.resume_from is not None:
+        saved = read_meta(inputs.resume_from)
+        load_checkpoint(inputs.resume_from, policy.module, policy.optimizer if saved["has_optimizer"] else None)
+        meta = saved["meta"]
         start_step = int(meta["step"])
         sampler.load_state_dict(meta["sampler"])
-        log.info("resumed from %s (step %d)", resume_from, start_step)
+        counters.update({k: float(v) for k, v in meta.get("counters", {}).items() if k in counters})
+        log.info("resumed from %s (step %d)", inputs.resume_from, start_step)
     elif config.checkpoint.load:
         load_checkpoint(config.checkpoint.load, policy.module)
-    initial: dict[str, torch.Tensor] | None = None  # the HF weights, read once for policy and reference
-    if resume_from is None and not config.checkpoint.load:
+    else:
         initial = hf_weights_to_canonical(config.model.hf_path, arch)
         load_canonical_state(policy.module, initial)
     if reference is not None:  # the reference is the initial model, also when resuming
@@ -140,24 +144,25 @@ def build_runtime(config: Config, *, world_size: int) -> Runtime:
             load_checkpoint(config.checkpoint.load, reference.module)
         else:
             load_canonical_state(reference.module, initial or hf_weights_to_canonical(config.model.hf_path, arch))
+        if reference.offload:
+            reference.offload_weights()
     del initial
     if dist.is_initialized():
         dist.barrier()
-    rt = Runtime(
+    return Runtime(
         config=config,
         arch=arch,
         state=state,
         run_dir=run_dir,
-        tokenizer=tokenizer,
-        dataset=dataset,
+        tokenizer=inputs.tokenizer,
+        dataset=inputs.dataset,
         sampler=sampler,
-        scorer=scorer,
-        engine=engine,
+        scorer=RewardScorer(config.reward),
+        engine=_make_engine(config, state),
         policy=policy,
         reference=reference,
+        stop_token_ids=inputs.stop_token_ids,
         start_step=start_step,
+        resumed=inputs.resume_from is not None,
+        counters=counters,
     )
-    if resume_from is not None:
-        rt.extra["resumed_meta"] = read_meta(resume_from)
-    log.debug("runtime: %s", json.dumps({"arch": arch.model_type, "start_step": start_step}))
-    return rt

@@ -1,0 +1,292 @@
+"""Every check a run can make before any process group or model exists; ``validate`` and ``train`` share it.
+
+:func:`preflight` reads only files: the HF ``config.json`` and safetensors headers, the tokenizer, the prompt file,
+the reward's module, and checkpoint metadata. Each mistake is a :class:`~nsr_megatron.config.ConfigError` with a
+one-line message that names the setting, the value and the fix, so a bad input costs seconds and never a
+traceback from inside megatron. It returns what it loaded (tokenizer, tokenized dataset, stop tokens, resume
+point) so that the run does not load it twice.
+
+Checks, in order:
+
+1. ``model.hf_path``: a folder with ``config.json`` of a supported architecture; the layout fits the world size;
+   its weights (when the run starts from them) are complete: every shard an index lists exists and the tensors
+   match the config.
+2. ``checkpoint.resume=auto``: the newest complete checkpoint is not past ``run.steps`` and holds this model
+   (another parallel layout is fine: it reshards). Without ``resume``, a run folder that already holds checkpoints
+   is refused rather than overwritten. ``checkpoint.load``: exists, is complete, holds this model.
+3. The tokenizer (``model.tokenizer_path``, default the model folder): its files exist, it loads, it is not empty
+   and fits the model's vocabulary.
+4. ``reward.name`` imports.
+5. ``data.*``: the file exists and parses, the keys are there, every prompt tokenizes; ``rollout.prompts_per_step``
+   fits the dataset; the longest prompt plus ``rollout.max_new_tokens`` fits ``max_position_embeddings``.
+6. Settings the run would ignore are named in a warning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nsr_megatron.config import Config, ConfigError, ModelConfig, read_hf_config
+from nsr_megatron.data.datasets import PromptDataset
+from nsr_megatron.models.hf_config import ArchSpec, arch_from_hf, validate_layout
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RunInputs", "arch_difference", "ignored_settings", "load_tokenizer", "preflight", "stop_token_ids"]
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+# Fields of ArchSpec that may differ between a checkpoint and the run (they change no weight's meaning).
+_ARCH_FREE = frozenset({"init_std", "max_position_embeddings"})
+
+
+@dataclass(kw_only=True)
+class RunInputs:
+    """What :func:`preflight` checked and loaded, handed to the run."""
+
+    arch: ArchSpec
+    tokenizer: Any  # transformers PreTrainedTokenizerBase
+    dataset: PromptDataset
+    stop_token_ids: tuple[int, ...]
+    resume_from: Path | None  # the checkpoint checkpoint.resume=auto continues from
+
+
+def preflight(config: Config, *, world_size: int) -> RunInputs:
+    """Run every check of the module docstring; raise :class:`ConfigError` at the first problem."""
+    hf_dir = _model_dir(config.model)
+    arch = arch_from_hf(read_hf_config(hf_dir))
+    validate_layout(arch, config.model, config.parallel, world_size)
+    resume_from = _resume_point(config, arch)
+    if config.checkpoint.load:
+        _check_checkpoint(Path(config.checkpoint.load), arch, setting="checkpoint.load")
+    # The policy starts from the HF weights unless it resumes or loads a checkpoint; so does the reference.
+    from_hf = not config.checkpoint.load and (resume_from is None or config.loss.kl_coef > 0)
+    _check_weights(config, hf_dir, arch, needed=from_hf)
+    tokenizer = load_tokenizer(config.model, arch)
+    _check_reward(config)
+    dataset = _load_dataset(config, tokenizer)
+    _check_batch_and_lengths(config, arch, dataset)
+    for message in ignored_settings(config):
+        log.warning("%s", message)
+    return RunInputs(arch=arch, tokenizer=tokenizer, dataset=dataset, resume_from=resume_from,
+                     stop_token_ids=stop_token_ids(hf_dir, tokenizer, arch.vocab_size))
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+def _model_dir(model: ModelConfig) -> Path:
+    if not model.hf_path:
+        raise ConfigError("model.hf_path is empty: set it to a Hugging Face checkpoint folder (config.json, "
+                          "safetensors, tokenizer), or run `nsr-megatron quickstart` to generate one.")
+    path = Path(model.hf_path)
+    if path.is_file() and path.name == "config.json":
+        path = path.parent
+    if not path.is_dir():
+        raise ConfigError(f"model.hf_path={model.hf_path!r} does not exist; point it at a Hugging Face "
+                          f"checkpoint folder.")
+    read_hf_config(path)  # a clear error when config.json is missing
+    return path
+
+
+def _check_weights(config: Config, hf_dir: Path, arch: ArchSpec, *, needed: bool) -> None:
+    """The HF weights are complete (every indexed shard exists, tensors match the config) when present, and
+    present when the run starts from them."""
+    from nsr_megatron.convert.io import INDEX_FILE, SINGLE_FILE, HFCheckpoint
+    from nsr_megatron.convert.mapping import ConvertError, check_hf_tensors, weight_rules
+
+    if not any((hf_dir / name).is_file() for name in (INDEX_FILE, SINGLE_FILE)):
+        if needed:
+            raise ConfigError(
+                f"model.hf_path={str(hf_dir)!r} holds no weights ({SINGLE_FILE} or {INDEX_FILE}); the run starts "
+                f"from them. Point it at a checkpoint with safetensors weights, or set checkpoint.load to a "
+                f"converted checkpoint (python tools/convert.py hf-to-mcore).")
+        return
+    try:
+        ckpt = HFCheckpoint(hf_dir)
+        try:
+            check_hf_tensors(weight_rules(arch), ckpt.shapes(), tied=arch.tie_word_embeddings,
+                             where=f"model.hf_path={str(hf_dir)!r}")
+        finally:
+            ckpt.close()
+    except ConvertError as exc:
+        raise ConfigError(f"model.hf_path={str(hf_dir)!r}: {exc}") from None
+
+
+def load_tokenizer(model: ModelConfig, arch: ArchSpec) -> Any:
+    """The run's tokenizer (``model.tokenizer_path`` or the model folder), checked to exist and be usable."""
+    from transformers import AutoTokenizer
+
+    setting, where = ("model.tokenizer_path", model.tokenizer_path) if model.tokenizer_path else (
+        "model.hf_path", model.hf_path)
+    folder = Path(where)
+    if not folder.is_dir() or not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(
+            f"{setting}={where!r} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...); copy the base "
+            f"model's tokenizer into it, or set model.tokenizer_path to a folder that has one.")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds; the message carries the reason
+        raise ConfigError(f"{setting}={where!r}: transformers could not load its tokenizer "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}).") from None
+    size = len(tokenizer)
+    if size < 2:
+        raise ConfigError(f"{setting}={where!r}: the tokenizer is empty ({size} tokens); copy the base model's "
+                          f"tokenizer files into it.")
+    if size > arch.vocab_size:
+        raise ConfigError(f"{setting}={where!r}: the tokenizer has {size} tokens but the model's vocab_size is "
+                          f"{arch.vocab_size}; use the model's own tokenizer.")
+    return tokenizer
+
+
+def stop_token_ids(hf_dir: str | Path, tokenizer: Any, vocab_size: int) -> tuple[int, ...]:
+    """Where responses end: every id of ``generation_config.json``'s ``eos_token_id`` (an int or a list; chat
+    models list the end-of-turn token, e.g. Qwen's ``<|im_end|>``) plus the tokenizer's EOS."""
+    import json
+
+    ids: list[int] = []
+    path = Path(hf_dir) / "generation_config.json"
+    if path.is_file():
+        with open(path, encoding="utf-8") as f:
+            eos = json.load(f).get("eos_token_id")
+        ids += [eos] if isinstance(eos, int) else [i for i in eos or [] if isinstance(i, int)]
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    out = tuple(dict.fromkeys(i for i in ids if 0 <= i < vocab_size))
+    if len(out) < len(set(ids)):
+        log.warning("stop tokens %s lie outside the model's vocabulary (%d) and are ignored.",
+                    sorted(set(ids) - set(out)), vocab_size)
+    if not out:
+        log.warning("no stop token: neither generation_config.json nor the tokenizer names an EOS token, so every "
+                    "response runs to rollout.max_new_tokens.")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+def arch_difference(saved: dict[str, Any], arch: ArchSpec) -> list[str]:
+    """``["hidden_size 64 vs 128", ...]``: the fields where a checkpoint's model differs from ``arch``."""
+    mine = dataclasses.asdict(arch)
+    out = []
+    for key, value in mine.items():
+        theirs = saved.get(key)
+        if key in _ARCH_FREE or key not in saved:
+            continue
+        if isinstance(value, tuple):
+            theirs = tuple(theirs or ())
+        if theirs != value:
+            out.append(f"{key} {theirs!r} vs {value!r}")
+    return out
+
+
+def _check_checkpoint(path: Path, arch: ArchSpec, *, setting: str) -> dict[str, Any]:
+    """A complete checkpoint folder holding this model; returns its metadata."""
+    from nsr_megatron.convert.io import META_FILE
+    from nsr_megatron.trainer.checkpoint import checkpoint_arch, read_meta
+
+    if not path.exists():
+        raise ConfigError(f"{setting}={str(path)!r} does not exist; pass a step_* folder of a checkpoint (or set "
+                          f"checkpoint.resume=auto to continue this run from its newest checkpoint).")
+    if not (path / META_FILE).is_file():
+        newest = sorted(p.name for p in path.glob("step_*") if (p / META_FILE).is_file()) if path.is_dir() else []
+        hint = f" It holds {newest[-1]}: pass {path / newest[-1]}." if newest else ""
+        raise ConfigError(f"{setting}={str(path)!r} is not a complete checkpoint (no {META_FILE}).{hint}")
+    meta = read_meta(path)
+    saved = checkpoint_arch(path)
+    if saved is not None:
+        diff = arch_difference(saved, arch)
+        if diff:
+            raise ConfigError(
+                f"{setting}={str(path)!r} holds another model than model.hf_path ({'; '.join(diff)}; checkpoint vs "
+                f"this run). Point {setting} at a checkpoint of this model, or model.hf_path at the checkpoint's.")
+    return meta
+
+
+def _resume_point(config: Config, arch: ArchSpec) -> Path | None:
+    from nsr_megatron.trainer.checkpoint import latest_checkpoint
+
+    root = Path(config.run.run_dir) / "checkpoints"
+    latest = latest_checkpoint(root)
+    if latest is None:
+        return None
+    if config.checkpoint.resume != "auto":
+        raise ConfigError(
+            f"run.run_dir={config.run.run_dir!r} already holds checkpoints (newest: {latest.name}); set "
+            f"checkpoint.resume=auto to continue that run, or choose a new run.run_dir (nothing is overwritten).")
+    meta = _check_checkpoint(latest, arch, setting="checkpoint.resume=auto: the newest checkpoint")
+    step = int(meta["step"])
+    if step > config.run.steps:
+        raise ConfigError(
+            f"checkpoint.resume=auto: {latest} is at step {step}, past run.steps={config.run.steps}; set run.steps "
+            f"above {step} to continue that run, or choose a new run.run_dir.")
+    return latest
+
+
+# ------------------------------------------------------------------------------------------------ reward, data
+
+def _check_reward(config: Config) -> None:
+    from nsr_megatron.rewards.builtin import BUILTIN_REWARDS
+    from nsr_megatron.rewards.scorer import resolve_reward_fn
+
+    try:
+        resolve_reward_fn(BUILTIN_REWARDS.get(config.reward.name, config.reward.name))
+    except (ImportError, ValueError, TypeError) as exc:
+        raise ConfigError(f"reward.name={config.reward.name!r}: {exc}") from None
+
+
+def _load_dataset(config: Config, tokenizer: Any) -> PromptDataset:
+    try:
+        return PromptDataset(config.data, tokenizer)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _check_batch_and_lengths(config: Config, arch: ArchSpec, dataset: PromptDataset) -> None:
+    n, per_step = len(dataset), config.rollout.prompts_per_step
+    if per_step > n:
+        raise ConfigError(f"rollout.prompts_per_step={per_step} is larger than the dataset ({n} prompts in "
+                          f"{config.data.path}); lower it to at most {n} or use more prompts.")
+    longest, line = dataset.longest_prompt()
+    limit, new = arch.max_position_embeddings, config.rollout.max_new_tokens
+    if longest + new > limit:
+        fitting = sum(len(r.prompt_ids) + new <= limit for r in dataset.records)
+        fixes = [f"lower rollout.max_new_tokens to at most {limit - longest}"] if longest < limit else []
+        if fitting:
+            fixes.append(f"skip the {n - fitting} longer prompts with data.max_prompt_tokens={limit - new}")
+        if not fixes:
+            fixes.append("use shorter prompts or a model with more positions")
+        raise ConfigError(
+            f"the longest prompt ({config.data.path}, line {line}: {longest} tokens) plus rollout.max_new_tokens="
+            f"{new} exceeds the model's max_position_embeddings={limit}; {', or '.join(fixes)}.")
+
+
+def ignored_settings(config: Config) -> list[str]:
+    """One message per setting that the run will not use with the rest of this config."""
+    defaults = Config()
+    out: list[str] = []
+
+    def changed(section: str, key: str) -> bool:
+        return bool(getattr(getattr(config, section), key) != getattr(getattr(defaults, section), key))
+
+    hf = Path(config.model.hf_path) if config.model.hf_path else None
+    if config.model.tiny and hf is not None and hf != Path(config.run.run_dir) / "hf-init":
+        out.append("model.tiny is ignored: model.hf_path is set (tiny only shapes the generated quickstart model).")
+    if config.rollout.engine == "embedded" and config.rollout.url:
+        out.append("rollout.url is ignored: rollout.engine=embedded (set rollout.engine=http to use a server).")
+    if config.rollout.engine == "http" and changed("rollout", "max_batch_size"):
+        out.append("rollout.max_batch_size is ignored: rollout.engine=http (the server batches on its own).")
+    if not config.algorithm.dynamic_sampling and changed("algorithm", "max_sampling_rounds"):
+        out.append("algorithm.max_sampling_rounds is ignored: algorithm.dynamic_sampling=false.")
+    if config.model.offload_reference and config.loss.kl_coef == 0:
+        out.append("model.offload_reference is ignored: loss.kl_coef=0 builds no reference model.")
+    if config.optimizer.lr_schedule == "constant" and changed("optimizer", "min_lr"):
+        out.append("optimizer.min_lr is ignored: optimizer.lr_schedule=constant.")
+    if config.reward.executor == "thread" and changed("reward", "start_method"):
+        out.append("reward.start_method is ignored: reward.executor=thread.")
+    if config.algorithm.old_logprobs == "rollout" and (
+            config.loss.tis_cap is not None or config.loss.mis_low is not None or config.loss.mis_high is not None):
+        out.append("loss.tis_cap / mis_low / mis_high do nothing with algorithm.old_logprobs=rollout (the old and "
+                   "rollout log-probs are the same, so every weight is 1); use old_logprobs=recompute.")
+    return out
