@@ -133,7 +133,7 @@ def train_step(
     sums = forward_backward(bundle, micro_batches, loss_fn)
     bad = any(not bool(torch.isfinite(d["loss_sum"])) or float(d.get("nonfinite_sum", 0.0)) > 0
               for d in sums if "loss_sum" in d)
-    flag = torch.tensor([float(bad or _local_nonfinite_grads(bundle))])
+    flag = torch.tensor([float(bad or _local_nonfinite_grads(bundle))], device=_device())  # NCCL needs CUDA
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if flag.item() > 0:

@@ -60,7 +60,8 @@ def _all_ok(ok: bool) -> bool:
     """True on every rank iff ``ok`` on every rank (a collective when a process group exists)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return ok
-    flag = torch.tensor([1.0 if ok else 0.0])
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    flag = torch.tensor([1.0 if ok else 0.0], device=device)  # NCCL reduces CUDA tensors only
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item() > 0)
 

@@ -271,7 +271,7 @@ def ignored_settings(config: Config) -> list[str]:
         return bool(getattr(getattr(config, section), key) != getattr(getattr(defaults, section), key))
 
     hf = Path(config.model.hf_path) if config.model.hf_path else None
-    if config.model.tiny and hf is not None and hf != Path(config.run.run_dir) / "hf-init":
+    if config.model.tiny and hf is not None and hf.name != "hf-init":  # hf-init: the model tiny generated
         out.append("model.tiny is ignored: model.hf_path is set (tiny only shapes the generated quickstart model).")
     if config.rollout.engine == "embedded" and config.rollout.url:
         out.append("rollout.url is ignored: rollout.engine=embedded (set rollout.engine=http to use a server).")
