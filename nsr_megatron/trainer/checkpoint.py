@@ -276,8 +276,8 @@ def _with_step(state: Any, step: Any) -> Any:
     if step is None or not isinstance(state, dict):
         return state
     out = {k: _with_step(v, step) for k, v in state.items()}
-    if isinstance(out.get("param_groups"), list):
-        out["param_groups"] = [dict(g, step=g.get("step", step)) for g in out["param_groups"]]
+    if isinstance(out.get("param_groups"), list):  # the checkpoint's count wins over a fresh optimizer's own
+        out["param_groups"] = [dict(g, step=step) for g in out["param_groups"]]
     return out
 
 

@@ -108,9 +108,11 @@ def test_quickstart_learns(tmp_path: Path, seed: int | None, threads: int) -> No
 
 # ------------------------------------------------------------------------------------------------ faults
 
-# Slow rewards (10 ms a call) give every phase time to be caught; the straight run uses the same config.
+# Slow rewards (10 ms a call) give every phase time to be caught; the straight run uses the same config. A
+# constant learning rate keeps the schedule independent of run.steps, so a run may stop early and be extended.
 FAULT = ["--no-progress", "run.steps=4", "checkpoint.save_interval=2", "rollout.prompts_per_step=8",
-         "rollout.samples_per_prompt=4", "reward.name=tests.e2e.bad_rewards:slow_synthetic"]
+         "rollout.samples_per_prompt=4", "reward.name=tests.e2e.bad_rewards:slow_synthetic",
+         "optimizer.lr_schedule=constant", "optimizer.min_lr=0"]
 
 
 @pytest.fixture(scope="module")
@@ -196,17 +198,29 @@ def test_a_failed_checkpoint_write_is_reported_and_nothing_half_written_is_used(
 
 
 def test_resume_under_another_layout_reshards(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    common = ["--no-progress", "rollout.prompts_per_step=8", "rollout.samples_per_prompt=4",
-              "checkpoint.save_interval=2"]
-    _ok(run_cli("quickstart", f"run.run_dir={run_dir}", *common, "run.steps=2"))
-    proc = run_cli("quickstart", f"run.run_dir={run_dir}", *common, "run.steps=3", "parallel.ep=2", nproc=2)
+    """Saved by one process, resumed under torchrun with EP=2: step 3 samples exactly what a straight
+    single-process run samples (the engine gets the loaded weights), and trains to the same weights and Adam
+    state up to rounding."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ["--no-progress", "rollout.prompts_per_step=8", "rollout.samples_per_prompt=8",
+              "checkpoint.save_interval=2", "optimizer.lr_schedule=constant", "optimizer.min_lr=0"]
+    _ok(run_cli("quickstart", f"run.run_dir={straight}", *common, "run.steps=3"))
+    _ok(run_cli("quickstart", f"run.run_dir={resumed}", *common, "run.steps=2"))
+    proc = run_cli("quickstart", f"run.run_dir={resumed}", *common, "run.steps=3", "parallel.ep=2", nproc=2)
     _ok(proc)
     assert "resumed from" in proc.stderr
-    rows = read_metrics(run_dir)
-    assert [r["step"] for r in rows] == [1, 2, 3] and rows[2]["grad_norm"] > 0
-    meta = json.loads((run_dir / "checkpoints" / "step_00000003" / "nsr_meta.json").read_text())
+    a, b = read_metrics(straight), read_metrics(resumed)
+    untimed = [[{k: v for k, v in r.items() if not k.startswith("timing/")} for r in rows[:2]] for rows in (a, b)]
+    assert [r["step"] for r in b] == [1, 2, 3] and untimed[0] == untimed[1]
+    assert b[2]["reward/mean"] == a[2]["reward/mean"] and b[2]["grad_norm"] > 0
+    for key in ("loss", "grad_norm", "entropy", "clip_frac"):
+        assert b[2][key] == pytest.approx(a[2][key], rel=1e-4, abs=1e-6), key
+    meta = json.loads((resumed / "checkpoints" / "step_00000003" / "nsr_meta.json").read_text())
     assert meta["layout"]["ep"] == 2 and meta["has_optimizer"]
+    wa, wb = _final_weights(straight, 3, tmp_path), _final_weights(resumed, 3, tmp_path)
+    assert sorted(wa) == sorted(wb) and any(k.startswith("optimizer.") for k in wa)
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 # ------------------------------------------------------------------------------------------------ layouts
