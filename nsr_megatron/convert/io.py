@@ -173,28 +173,59 @@ class HFCheckpoint:
                 )
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
+        self.bytes_read = 0  # tensor bytes read so far (headers not counted)
 
     def shapes(self) -> dict[str, Shape]:
         return {name: t.shape for name, t in self.tensors.items()}
 
-    def read(self, name: str) -> torch.Tensor:
-        """Read one tensor into fresh memory (positional reads, safe from several threads)."""
-        t = self.tensors[name]
+    def _fd(self, t: HFTensor) -> int:
         with self._lock:
             fd = self._fds.get(t.file)
             if fd is None:
                 fd = self._fds[t.file] = os.open(t.file, os.O_RDONLY)
-        buf = torch.empty(t.nbytes, dtype=torch.uint8)
-        view = buf.numpy().data
-        done = 0
-        while done < t.nbytes:
-            got = os.preadv(fd, [view[done:]], t.start + done)
+            return fd
+
+    def _pread(self, t: HFTensor, view: memoryview, offset: int) -> None:
+        """Fill ``view`` from the file at ``offset`` (bytes from the tensor's start); counts ``bytes_read``."""
+        fd, done, size = self._fd(t), 0, len(view)
+        while done < size:
+            got = os.preadv(fd, [view[done:]], t.start + offset + done)
             if got == 0:
                 raise ConvertError(
-                    f"{t.file}: tensor {name} is truncated ({done} of {t.nbytes} bytes); the file is damaged."
+                    f"{t.file}: tensor {t.name} is truncated at byte {offset + done} of {t.nbytes}; the file is "
+                    "damaged."
                 )
             done += got
+        with self._lock:
+            self.bytes_read += size
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor into fresh memory (positional reads, safe from several threads)."""
+        t = self.tensors[name]
+        buf = torch.empty(t.nbytes, dtype=torch.uint8)
+        self._pread(t, buf.numpy().data, 0)
         return buf.view(t.dtype).reshape(t.shape)
+
+    def read_block(self, name: str, rows: slice, cols: slice | None = None) -> torch.Tensor:
+        """Read only rows ``rows`` (and, for a 2-D tensor, columns ``cols``) of one tensor: one positional read
+        of the rows, or one per row when the columns are a part of each row. Steps must be 1."""
+        t = self.tensors[name]
+        r0, r1, _ = rows.indices(t.shape[0])
+        row_elems = _numel(t.shape[1:])
+        item = _itemsize(t.dtype)
+        if cols is None or (len(t.shape) == 2 and cols.indices(t.shape[1])[:2] == (0, t.shape[1])):
+            buf = torch.empty((r1 - r0) * row_elems * item, dtype=torch.uint8)
+            self._pread(t, buf.numpy().data, r0 * row_elems * item)
+            return buf.view(t.dtype).reshape(r1 - r0, *t.shape[1:])
+        if len(t.shape) != 2:
+            raise ConvertError(f"read_block({name}): a column slice needs a 2-D tensor, not shape {list(t.shape)}.")
+        c0, c1, _ = cols.indices(t.shape[1])
+        width = (c1 - c0) * item
+        buf = torch.empty((r1 - r0) * width, dtype=torch.uint8)
+        view = buf.numpy().data
+        for i, r in enumerate(range(r0, r1)):
+            self._pread(t, view[i * width : (i + 1) * width], (r * t.shape[1] + c0) * item)
+        return buf.view(t.dtype).reshape(r1 - r0, c1 - c0)
 
     def close(self) -> None:
         with self._lock:

@@ -1,5 +1,6 @@
 """Everything a run needs, built once from the config and the checked inputs of :mod:`.preflight`: process groups,
-run directory, sampler, rewards, rollout engine, policy and reference models, and the resume point. The loop
+run directory, sampler, rewards, rollout engine, policy and reference models (each rank reads only its own slices
+of the HF weights), and the resume point. The loop
 (``loop.py``) only uses it."""
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["COUNTERS", "Runtime", "build_runtime", "hf_weights_to_canonical", "lr_at"]
+__all__ = ["COUNTERS", "Runtime", "build_runtime", "lr_at"]
 
 # Run-long counts kept in every checkpoint, so a resumed run continues them.
 COUNTERS = ("rollout/empty_steps", "train/skipped_steps", "no_signal_streak")
@@ -70,19 +71,6 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int, sched
     return lr + (min_lr - lr) * progress
 
 
-def hf_weights_to_canonical(hf_dir: str | os.PathLike[str], arch: ArchSpec) -> dict[str, torch.Tensor]:
-    """Read an HF checkpoint's safetensors (single file or indexed shards) into canonical fp32 tensors."""
-    from nsr_megatron.convert.io import HFCheckpoint
-    from nsr_megatron.convert.mapping import hf_state_to_canonical
-
-    ckpt = HFCheckpoint(hf_dir)
-    try:
-        tensors = {name: ckpt.read(name) for name in ckpt.tensors}
-    finally:
-        ckpt.close()
-    return {k: v.float() for k, v in hf_state_to_canonical(arch, tensors).items()}
-
-
 def _make_engine(config: Config, state: ParallelState) -> RolloutEngine:
     """The rollout engine: in-process on every rank (identical samples everywhere), or an HTTP server."""
     from nsr_megatron.rollout import EmbeddedEngine, HttpEngine
@@ -107,8 +95,8 @@ def _write_resolved_config(config: Config, run_dir: Path) -> None:
 def build_runtime(config: Config, inputs: RunInputs, *, world_size: int) -> Runtime:
     """Build every component from checked inputs (:func:`.preflight.preflight`). Collective under torchrun."""
     from nsr_megatron import parallel
+    from nsr_megatron.convert.sharded import load_hf_sharded
     from nsr_megatron.models.provider import build_model
-    from nsr_megatron.models.state import load_canonical_state
     from nsr_megatron.trainer.checkpoint import load_checkpoint, read_meta
 
     arch, run_dir = inputs.arch, Path(config.run.run_dir)
@@ -125,7 +113,6 @@ def build_runtime(config: Config, inputs: RunInputs, *, world_size: int) -> Runt
 
     counters = dict.fromkeys(COUNTERS, 0.0)
     start_step = 0
-    initial: dict[str, torch.Tensor] | None = None  # the HF weights, read once for policy and reference
     if inputs.resume_from is not None:
         saved = read_meta(inputs.resume_from)
         load_checkpoint(inputs.resume_from, policy.module, policy.optimizer if saved["has_optimizer"] else None)
@@ -136,17 +123,15 @@ def build_runtime(config: Config, inputs: RunInputs, *, world_size: int) -> Runt
         log.info("resumed from %s (step %d)", inputs.resume_from, start_step)
     elif config.checkpoint.load:
         load_checkpoint(config.checkpoint.load, policy.module)
-    else:
-        initial = hf_weights_to_canonical(config.model.hf_path, arch)
-        load_canonical_state(policy.module, initial)
+    else:  # every rank reads only the slices of the HF weights it owns
+        load_hf_sharded(policy.module, arch, config.model.hf_path)
     if reference is not None:  # the reference is the initial model, also when resuming
         if config.checkpoint.load:
             load_checkpoint(config.checkpoint.load, reference.module)
         else:
-            load_canonical_state(reference.module, initial or hf_weights_to_canonical(config.model.hf_path, arch))
+            load_hf_sharded(reference.module, arch, config.model.hf_path)
         if reference.offload:
             reference.offload_weights()
-    del initial
     if dist.is_initialized():
         dist.barrier()
     return Runtime(
