@@ -1,4 +1,4 @@
-"""Sharded loading: every rank reads, from an HF safetensors checkpoint, only the slices of the tensors it owns.
+"""Sharded loading (every rank reads only the HF slices it owns) and the HF-named export of a sharded model.
 
 A rank's model holds *shards* of the canonical tensors (:mod:`.mapping`): a block ``[offset, offset + shape)`` of
 each, given by megatron's sharded state dict (tensor-parallel rows or columns, a PP stage's layers, an EP rank's
@@ -20,6 +20,7 @@ Legend: R rows, C columns of an HF tensor; G query groups, D head_dim.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from nsr_megatron.convert.io import HFCheckpoint
 from nsr_megatron.convert.mapping import ConvertError, Piece, TensorRule, weight_rules
 from nsr_megatron.models.hf_config import ArchSpec
 
-__all__ = ["load_hf_sharded", "read_canonical_block", "read_hf_canonical"]
+__all__ = ["HFExport", "load_hf_sharded", "read_canonical_block", "read_hf_canonical"]
 
 
 def _inner_block(rule: TensorRule, piece: Piece, ckpt: HFCheckpoint, offset: tuple[int, ...],
@@ -121,3 +122,23 @@ def read_hf_canonical(hf_dir: str | os.PathLike[str], arch: ArchSpec) -> dict[st
     finally:
         ckpt.close()
     return {k: v.float() for k, v in hf_state_to_canonical(arch, tensors).items()}
+
+
+class HFExport:
+    """The model's weights as full HF-named tensors, gathered group-locally (:class:`~nsr_megatron.models.export.
+    WeightExporter`) and split by the converter's rules. ``for name, tensor in HFExport(model, arch).tensors():``
+    yields on rank 0 and nothing elsewhere; every rank must run it to the end."""
+
+    def __init__(self, model: torch.nn.Module, arch: ArchSpec) -> None:
+        from nsr_megatron.models.export import WeightExporter
+
+        self.rules = weight_rules(arch)
+        aliases = {alias: r.key for r in self.rules for alias in r.aliases}
+        self.exporter = WeightExporter(model, [r.key for r in self.rules], aliases)
+        self._by_key = {r.key: r for r in self.rules}
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        from nsr_megatron.convert.mapping import canonical_to_hf
+
+        for key, full in self.exporter.export():
+            yield from canonical_to_hf(self._by_key[key], full).items()

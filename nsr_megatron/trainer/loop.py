@@ -1,7 +1,8 @@
 """The RL loop: rollout -> rewards -> advantages -> old/ref log-probs -> train -> weight sync -> log -> save.
 
 One RL step, top to bottom, reads like the algorithm (GRPO / DAPO with any loss of ``nsr_megatron.losses``).
-Every rank runs the same rollout (same weights, same seed), then trains on its data-parallel share.
+The driver rank (rank 0) generates and scores; every rank receives the step's samples and trains on its
+data-parallel share; weight sync gathers the new weights group-locally onto the driver for its engine.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from nsr_megatron.losses import global_sums, loss_denominators, summarize_metrics
 from nsr_megatron.losses.rng import mix64_int
@@ -62,7 +64,8 @@ def train(config: Any, *, world_size: int = 1, progress: bool | None = None) -> 
         phases.mark("done")
     finally:
         bar.close()
-        rt.scorer.close()
+        if rt.scorer is not None:
+            rt.scorer.close()
         if writer is not None:
             writer.close()
     if writer is not None:
@@ -74,7 +77,20 @@ def sample_batch(rt: Runtime, step: int, phases: PhaseTimer) -> tuple[list[Sampl
     """Generate G responses per prompt, score them, compute group advantages (DAPO dynamic sampling
     optional: keep only groups with differing rewards, sample more prompts, at most N rounds).
 
+    The driver rank does the work; every rank gets the result (and the data sampler's position).
     Returns the samples to train on, the step's rollout metrics, and one scored example (for messages)."""
+    box = [(*_sample_on_driver(rt, step, phases), rt.sampler.state_dict()) if rt.engine is not None else None]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    assert box[0] is not None
+    samples, stats, example, sampler = box[0]
+    rt.sampler.load_state_dict(sampler)
+    return samples, stats, example
+
+
+def _sample_on_driver(rt: Runtime, step: int, phases: PhaseTimer
+                      ) -> tuple[list[Sample], dict[str, float], dict[str, Any]]:
+    assert rt.engine is not None and rt.scorer is not None
     cfg, G = rt.config, rt.config.rollout.samples_per_prompt
     params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
                             top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, stop_token_ids=rt.stop_token_ids)
@@ -231,9 +247,12 @@ def _attach_logprobs(rt: Runtime, micro: list[dict[str, torch.Tensor]]) -> None:
 
 
 def sync_weights(rt: Runtime) -> None:
-    """Push the policy's weights to the rollout engine through the HF mapping (the path SGLang uses)."""
-    from nsr_megatron.convert.mapping import canonical_to_hf_state
-    from nsr_megatron.models.state import canonical_state
-
-    rt.engine.update_weights(canonical_to_hf_state(rt.arch, canonical_state(rt.policy.module)).items())
+    """Push the policy's weights to the driver's rollout engine as HF-named tensors, streamed: each tensor is
+    gathered only from the ranks that hold it (every rank takes part)."""
+    named = rt.export.tensors()
+    if rt.engine is None:
+        for _ in named:  # this rank sends its shards to the driver
+            pass
+    else:
+        rt.engine.update_weights(named)
 

@@ -24,6 +24,7 @@ from nsr_megatron.rollout.engine import RolloutEngine
 from nsr_megatron.trainer.preflight import RunInputs
 
 if TYPE_CHECKING:
+    from nsr_megatron.convert.sharded import HFExport
     from nsr_megatron.models.provider import ModelBundle
 
 log = logging.getLogger(__name__)
@@ -43,9 +44,10 @@ class Runtime:
     tokenizer: Any  # transformers PreTrainedTokenizerBase
     dataset: PromptDataset
     sampler: EpochSampler
-    scorer: RewardScorer
-    engine: RolloutEngine
+    scorer: RewardScorer | None  # the driver rank's (rank 0); None elsewhere
+    engine: RolloutEngine | None  # the driver rank's; None elsewhere
     policy: ModelBundle
+    export: HFExport  # the policy's weights as HF tensors, gathered group-locally onto the driver
     reference: ModelBundle | None = None
     stop_token_ids: tuple[int, ...] = ()
     start_step: int = 0
@@ -72,7 +74,7 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int, sched
 
 
 def _make_engine(config: Config, state: ParallelState) -> RolloutEngine:
-    """The rollout engine: in-process on every rank (identical samples everywhere), or an HTTP server."""
+    """The driver rank's rollout engine: in-process, or an HTTP server."""
     from nsr_megatron.rollout import EmbeddedEngine, HttpEngine
 
     if config.rollout.engine == "http":
@@ -95,7 +97,7 @@ def _write_resolved_config(config: Config, run_dir: Path) -> None:
 def build_runtime(config: Config, inputs: RunInputs, *, world_size: int) -> Runtime:
     """Build every component from checked inputs (:func:`.preflight.preflight`). Collective under torchrun."""
     from nsr_megatron import parallel
-    from nsr_megatron.convert.sharded import load_hf_sharded
+    from nsr_megatron.convert.sharded import HFExport, load_hf_sharded
     from nsr_megatron.models.provider import build_model
     from nsr_megatron.trainer.checkpoint import load_checkpoint, read_meta
 
@@ -142,9 +144,10 @@ def build_runtime(config: Config, inputs: RunInputs, *, world_size: int) -> Runt
         tokenizer=inputs.tokenizer,
         dataset=inputs.dataset,
         sampler=sampler,
-        scorer=RewardScorer(config.reward),
-        engine=_make_engine(config, state),
+        scorer=RewardScorer(config.reward) if state.rank == 0 else None,
+        engine=_make_engine(config, state) if state.rank == 0 else None,
         policy=policy,
+        export=HFExport(policy.module, arch),
         reference=reference,
         stop_token_ids=inputs.stop_token_ids,
         start_step=start_step,
