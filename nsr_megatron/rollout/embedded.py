@@ -8,19 +8,19 @@ on one GPU. Per sub-batch of at most ``max_batch_size`` rows (a row = one sample
 2. decode one token per forward over the rows still generating: rows that emitted a stop token are dropped from
    the batch and the cache, so finished sequences cost nothing;
 3. sample with temperature / top-k / top-p from uniforms that are a counter-based hash of
-   (seed, prompt index i, sample index j, response position t) (:func:`nsr_megatron.losses.rng.uniform`), never
+   (prompt seed s_i, sample index j, response position t) (:func:`nsr_megatron.rollout.engine.row_key`), never
    from a stateful generator.
 
 Reproducibility (what is guaranteed):
 
-* same (weights, prompts, params, n, seed, max_batch_size, device, dtype) -> bitwise identical outputs;
-* the random draw behind token t of sample j of prompt i is a pure function of (seed, i, j, t); it does not depend
-  on n, on the other prompts, on the sub-batch split or on which rows already finished. So sample j of prompt i
-  is the same whatever the batch composition *up to floating-point differences of the forward pass*: a
-  different padding length or batch size can change logits in the last bits, which flips a token only when its
-  uniform lands within that rounding of a CDF boundary (the tests see identical outputs on tiny models, but that
-  is not a bitwise guarantee). Prompt i is its index within the call: shifting prompts to other indices changes
-  their streams.
+* same (weights, prompts, params, n, seeds, max_batch_size, device, dtype) -> bitwise identical outputs;
+* the random draw behind token t of sample j of a prompt with seed s is a pure function of (s, j, t); it does not
+  depend on n, on the other prompts, on the prompt's position in the call, on the sub-batch split or on which rows
+  already finished. So a sample is the same whichever engine or call serves it *up to floating-point differences
+  of the forward pass*: a different padding length or batch size can change logits in the last bits, which flips
+  a token only when its uniform lands within that rounding of a CDF boundary (the tests see identical outputs on
+  tiny models, but that is not a bitwise guarantee). ``seed=S`` without ``seeds`` gives prompt i the seed
+  ``prompt_seeds(S, P)[i]``.
 
 Log-probs: ``log softmax(logits / T)`` at the sampled token, before top-p / top-k truncation (see
 :mod:`nsr_megatron.rollout.engine`), computed in float32 whatever the model dtype.
@@ -34,25 +34,21 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from nsr_megatron.losses.rng import uniform
-from nsr_megatron.rollout.engine import Generation, SamplingParams
+from nsr_megatron.losses.rng import uniform_from_keys
+from nsr_megatron.rollout.engine import Generation, SamplingParams, prompt_seeds, row_key
 
 __all__ = ["EmbeddedEngine", "sample_tokens"]
 
 logger = logging.getLogger(__name__)
 
-ROLLOUT_STREAM = 0x524F4C4C4F5554
-"""The ``step`` coordinate of every rollout draw ("ROLLOUT" in ASCII): keeps rollout uniforms apart from the
-loss's (training step, sample id) draws made with the same seed."""
-
-_SAMPLE_STRIDE = 1 << 31  # sample id = prompt index * 2**31 + sample index: unique for n < 2**31, P < 2**32
+_MAX_N = 1 << 31
 _WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -202,10 +198,21 @@ class EmbeddedEngine:
     # ------------------------------------------------------------------ generation
 
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams, *, n: int = 1, seed: int = 0
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        *,
+        n: int = 1,
+        seed: int = 0,
+        seeds: Sequence[int] | None = None,
     ) -> list[list[Generation]]:
-        """Sample ``n`` continuations of every prompt; ``result[i][j]`` is sample ``j`` of prompt ``i``."""
+        """Sample ``n`` continuations of every prompt; ``result[i][j]`` is sample ``j`` of prompt ``i``.
+
+        ``seeds[i]`` keys prompt i's draws; without ``seeds``, they come from ``seed`` (``prompt_seeds``)."""
         self._check_request(prompts, params, n, seed)
+        keyed = list(seeds) if seeds is not None else prompt_seeds(seed, len(prompts))
+        if len(keyed) != len(prompts) or not all(isinstance(s, int) and not isinstance(s, bool) for s in keyed):
+            raise ValueError(f"generate(seeds=...) must hold one int per prompt ({len(prompts)}), got {seeds!r:.80}.")
         rows = [(i, j) for i in range(len(prompts)) for j in range(n)]
         # Sorting rows by prompt length shortens the padding of each sub-batch; stable, so the n rows of one
         # prompt stay together and prefill once. Draws are keyed by (i, j), so the order changes no sample.
@@ -214,12 +221,12 @@ class EmbeddedEngine:
         with torch.inference_mode():
             for start in range(0, len(rows), self.max_batch_size):
                 chunk = rows[start : start + self.max_batch_size]
-                for (i, j), gen in zip(chunk, self._generate_rows(prompts, chunk, params, seed), strict=True):
+                for (i, j), gen in zip(chunk, self._generate_rows(prompts, chunk, params, keyed), strict=True):
                     results[i][j] = gen
         return [[g for g in per_prompt if g is not None] for per_prompt in results]
 
     def _generate_rows(
-        self, prompts: list[list[int]], rows: list[tuple[int, int]], params: SamplingParams, seed: int
+        self, prompts: list[list[int]], rows: list[tuple[int, int]], params: SamplingParams, seeds: list[int]
     ) -> list[Generation]:
         from transformers import DynamicCache
 
@@ -247,7 +254,7 @@ class EmbeddedEngine:
         logits_av = out.logits[src_r, -1]  # A = R, V
         mask_ak = mask_ul[src_r]
         prompt_len_r = torch.tensor([len(prompts[i]) for i, _ in rows], dtype=torch.long, device=dev)
-        sample_id_r = torch.tensor([i * _SAMPLE_STRIDE + j for i, j in rows], dtype=torch.long, device=dev)
+        key_r = torch.tensor([row_key(seeds[i], j) for i, j in rows], dtype=torch.long, device=dev)
         stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=dev)
 
         num_rows, max_new = len(rows), params.max_new_tokens
@@ -257,7 +264,7 @@ class EmbeddedEngine:
         stopped_r = torch.zeros(num_rows, dtype=torch.bool, device=dev)
         active_a = torch.arange(num_rows, device=dev)
         for t in range(max_new):
-            u_a = uniform(seed, ROLLOUT_STREAM, sample_id_r[active_a], t)  # A, float64 in [0, 1)
+            u_a = uniform_from_keys(key_r[active_a], t)  # A, float64 in [0, 1)
             tok_a, logp_a = sample_tokens(logits_av, u_a, params)
             tokens_rt[active_a, t] = tok_a
             logps_rt[active_a, t] = logp_a
@@ -295,14 +302,12 @@ class EmbeddedEngine:
     def _check_request(self, prompts: Any, params: Any, n: Any, seed: Any) -> None:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"generate(params={params!r}) must be a SamplingParams.")
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n < _SAMPLE_STRIDE:
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n < _MAX_N:
             raise ValueError(f"generate(n={n!r}) must be an int in [1, 2**31): the number of samples per prompt.")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"generate(seed={seed!r}) must be an int.")
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("generate(prompts=...) must be a non-empty list of token-id lists.")
-        if len(prompts) >= 1 << 32:
-            raise ValueError(f"generate: {len(prompts)} prompts is too many for one call (< 2**32).")
         vocab = self.vocab_size
         for i, p in enumerate(prompts):
             if not isinstance(p, (list, tuple)) or not p:

@@ -19,13 +19,35 @@ same quantity).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["FinishReason", "Generation", "RolloutEngine", "SamplingParams"]
+__all__ = ["ROLLOUT_STREAM", "FinishReason", "Generation", "RolloutEngine", "SamplingParams", "prompt_seeds",
+           "row_key"]
+
+ROLLOUT_STREAM = 0x524F4C4C4F5554
+"""Mixed into every rollout draw ("ROLLOUT" in ASCII): keeps rollout uniforms apart from the loss's draws."""
+
+
+def prompt_seeds(base: int, count: int, start: int = 0) -> list[int]:
+    """Seeds of prompts ``start .. start + count - 1`` of a request keyed by ``base``: non-negative 63-bit ints
+    (they fit JSON integers and SGLang's ``sampling_seed``)."""
+    from nsr_megatron.losses.rng import mix64_int
+
+    head = mix64_int(base & ((1 << 64) - 1))
+    return [mix64_int(head ^ (start + i)) >> 1 for i in range(count)]
+
+
+def row_key(seed: int, sample: int) -> int:
+    """The int64 key of sample ``sample`` of a prompt with seed ``seed``: token t's uniform is
+    ``nsr_megatron.losses.rng.uniform_from_keys(key, t)``, a pure function of (seed, sample, t)."""
+    from nsr_megatron.losses.rng import mix64_int
+
+    key = mix64_int(mix64_int(mix64_int(seed & ((1 << 64) - 1)) ^ ROLLOUT_STREAM) ^ sample)
+    return key - (1 << 64) if key >= 1 << 63 else key
 
 FinishReason = Literal["stop", "length"]
 
@@ -99,9 +121,17 @@ class RolloutEngine(Protocol):
     """A generator the trainer can sample from and push weights into."""
 
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams, *, n: int = 1, seed: int = 0
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        *,
+        n: int = 1,
+        seed: int = 0,
+        seeds: Sequence[int] | None = None,
     ) -> list[list[Generation]]:
-        """Sample ``n`` continuations of every prompt; ``result[i][j]`` is sample ``j`` of prompt ``i``."""
+        """Sample ``n`` continuations of every prompt; ``result[i][j]`` is sample ``j`` of prompt ``i``.
+        ``seeds[i]`` (default: ``prompt_seeds(seed, len(prompts))``) keys prompt i's draws, so a prompt samples
+        the same whichever call or engine serves it."""
         ...
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:

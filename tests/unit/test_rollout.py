@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
 from nsr_megatron.rollout import EmbeddedEngine, Generation, RolloutEngine, SamplingParams, sample_tokens
+from nsr_megatron.rollout.engine import prompt_seeds
 
 VOCAB = 64
 COMMON = dict(
@@ -153,8 +154,8 @@ def test_same_seed_reproduces_and_other_seeds_differ(engines):
 
 
 def test_samples_do_not_depend_on_batch_composition(engines):
-    """Draws are keyed by (seed, prompt index, sample index, position): sub-batching, n and the other prompts do
-    not change sample j of prompt i (bitwise here; in general up to float rounding of the forward)."""
+    """Draws are keyed by (prompt seed, sample index, position): sub-batching, n, the other prompts and the prompt's
+    place in the call do not change sample j of a prompt (bitwise here; in general up to float rounding)."""
     engine, params = engines["qwen3"], SamplingParams(max_new_tokens=12, stop_token_ids=(5, 9))
     full = engine.generate(PROMPTS, params, n=3, seed=2)
     engine.max_batch_size = 2
@@ -165,6 +166,16 @@ def test_samples_do_not_depend_on_batch_composition(engines):
     alone = engine.generate(PROMPTS[:1], params, n=2, seed=2)
     assert_same_samples(split, full)
     assert_same_samples(alone, [full[0][:2]])
+    # With per-prompt seeds a prompt's samples do not depend on its position in the call either (an engine pool
+    # hands each engine a different share of the prompts).
+    seeds = prompt_seeds(2, len(PROMPTS))
+    assert seeds == prompt_seeds(2, 1, start=0) + prompt_seeds(2, len(PROMPTS) - 1, start=1)
+    last = engine.generate(PROMPTS[2:3], params, n=3, seeds=seeds[2:3])
+    reordered = engine.generate([PROMPTS[2], PROMPTS[0]], params, n=3, seeds=[seeds[2], seeds[0]])
+    assert_same_samples(last, [full[2]])
+    assert_same_samples(reordered, [full[2], full[0]])
+    with pytest.raises(ValueError, match="one int per prompt"):
+        engine.generate(PROMPTS, params, seeds=[1])
 
 
 def assert_same_samples(got: list[list[Generation]], want: list[list[Generation]]) -> None:
