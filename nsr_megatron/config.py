@@ -31,6 +31,7 @@ __all__ = [
     "CheckpointConfig",
     "Config",
     "RolloutConfig",
+    "SGLangConfig",
     "ConfigError",
     "ModelConfig",
     "OptimizerConfig",
@@ -213,15 +214,53 @@ class SmokeBatchConfig:
 
 
 @dataclass(kw_only=True)
-class RolloutConfig:
-    """How responses are sampled: G samples for each of ``prompts_per_step`` prompts.
+class SGLangConfig:
+    """Engines of ``rollout.backend=sglang``: how the trainer launches ``python -m sglang.launch_server``.
 
-    ``engine="embedded"`` is the in-process engine (any machine); ``"http"`` talks to a running server
-    with the SGLang-compatible API at ``url`` (an embedded server, or SGLang on GPUs).
+    ``python`` is the interpreter of SGLang's own virtual environment (``scripts/setup_sglang.sh`` builds one;
+    default: ``.venv-sglang/bin/python`` when it exists, else ``python3``). On a machine without CUDA the engines
+    run SGLang's CPU engine (``--device cpu``, torch-native attention); ``env`` adds environment variables to the
+    engines (e.g. a ``PYTHONPATH``). ``colocate=true`` shares the training GPUs: the engines start with
+    ``--enable-memory-saver`` and release their memory while the trainer trains (CUDA only).
     """
 
-    engine: Literal["embedded", "http"] = "embedded"
-    url: str = ""
+    python: str = ""
+    tp_size: int = 1
+    mem_fraction: float = 0.8  # --mem-fraction-static on GPUs (CPU engines use a small fixed pool)
+    base_gpu_id: int = 0  # the first GPU of engine 0; engine k starts at base_gpu_id + k * tp_size
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    colocate: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.tp_size >= 1, f"rollout.sglang.tp_size={self.tp_size} must be >= 1.")
+        _require(0 < self.mem_fraction <= 1, f"rollout.sglang.mem_fraction={self.mem_fraction} must lie in (0, 1].")
+        _require(self.base_gpu_id >= 0, f"rollout.sglang.base_gpu_id={self.base_gpu_id} must be >= 0.")
+        _require(isinstance(self.extra_args, list) and all(isinstance(a, str) for a in self.extra_args),
+                 f"rollout.sglang.extra_args={self.extra_args!r} must be a list of strings, e.g. [--dp-size, '2'].")
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    """How responses are sampled (G samples for each of ``prompts_per_step`` prompts) and by which engines.
+
+    ``backend``: ``embedded`` (default) runs the engine in the trainer's driver process; ``server`` runs
+    ``num_engines`` processes of the project's rollout server, launched and supervised by the trainer (the
+    multi-engine path that runs on CPU); ``sglang`` launches SGLang engines the same way. With ``urls`` the trainer
+    attaches to engines that are already running instead (server or SGLang). Weights reach the engines through
+    ``weight_sync``: ``distributed`` (a broadcast over a process group the engines join) or ``disk`` (a
+    safetensors folder the engines load), in buckets of ``update_bucket_mb``.
+    """
+
+    backend: Literal["embedded", "server", "sglang"] = "embedded"
+    num_engines: int = 1
+    urls: list[str] = field(default_factory=list)
+    api_token: str = ""  # bearer token of the engines' weight endpoints (default: a fresh one per run)
+    weight_sync: Literal["distributed", "disk"] = "distributed"
+    update_bucket_mb: int = 512
+    max_restarts: int = 3  # engine restarts allowed over the run before it stops
+    request_timeout_s: float = 600.0
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
     prompts_per_step: int = 16
     samples_per_prompt: int = 8
     max_new_tokens: int = 64
@@ -239,9 +278,15 @@ class RolloutConfig:
         _require(self.max_new_tokens >= 1, f"rollout.max_new_tokens={self.max_new_tokens} must be >= 1.")
         _require(self.temperature > 0, f"rollout.temperature={self.temperature} must be > 0 (1.0 samples the policy).")
         _require(0 < self.top_p <= 1, f"rollout.top_p={self.top_p} must lie in (0, 1].")
+        _require(self.num_engines >= 1, f"rollout.num_engines={self.num_engines} must be >= 1.")
+        _require(self.update_bucket_mb >= 1, f"rollout.update_bucket_mb={self.update_bucket_mb} must be >= 1.")
+        _require(self.max_restarts >= 0, f"rollout.max_restarts={self.max_restarts} must be >= 0.")
+        _require(self.request_timeout_s > 0, f"rollout.request_timeout_s={self.request_timeout_s} must be > 0.")
+        _require(isinstance(self.urls, list) and all(isinstance(u, str) and u.startswith("http") for u in self.urls),
+                 f"rollout.urls={self.urls!r} must be a list of engine URLs, e.g. [http://127.0.0.1:30000].")
         _require(
-            self.engine != "http" or bool(self.url),
-            "rollout.engine=http needs rollout.url (e.g. http://127.0.0.1:30000).",
+            not self.urls or self.backend != "embedded",
+            "rollout.urls names running engines: set rollout.backend=server (the project's server) or sglang.",
         )
 
 
@@ -354,9 +399,13 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 
 # Keys that no longer exist, with where their meaning went.
 _MOVED = {
-    f"run.{k}": f"It is not an RL setting (RL batches are sized by rollout.prompts_per_step, samples_per_prompt "
+    "rollout.engine": "Choose the engines with rollout.backend (embedded | server | sglang); attach to running ones "
+    "with rollout.urls=[http://host:port, ...].",
+    "rollout.url": "Attach to running engines with rollout.urls=[http://host:port, ...] and rollout.backend=server "
+    "(or sglang).",
+    **{f"run.{k}": f"It is not an RL setting (RL batches are sized by rollout.prompts_per_step, samples_per_prompt "
     f"and max_new_tokens); `nsr-megatron smoke` takes it as batch.{k}."
-    for k in ("seq_length", "micro_batch_size", "global_batch_size")
+    for k in ("seq_length", "micro_batch_size", "global_batch_size")},
 }
 
 

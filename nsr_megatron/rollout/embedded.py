@@ -189,8 +189,10 @@ class EmbeddedEngine:
         self.max_batch_size = max_batch_size
         self.name = name
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
-        self.weight_version = 0
+        self.weight_version = "0"
         self._targets = _weight_targets(self.model)
+        self._fused_names = {n for n, (t, _) in self._targets.items() if t.dim() == 3 and n.endswith(
+            ("experts.gate_up_proj", "experts.down_proj"))}
         # transformers >= 5.24 names the KV-cache argument ``cache`` (``past_key_values`` is deprecated there).
         forward_args = inspect.signature(self.model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in forward_args else "past_key_values"
@@ -325,7 +327,8 @@ class EmbeddedEngine:
 
     # ------------------------------------------------------------------ weights
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]] | Mapping[str, Tensor]) -> int:
+    def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]] | Mapping[str, Tensor],
+                       version: str = "") -> int:
         """Copy Hugging Face-named tensors into the model's parameters in place; return how many were loaded.
 
         ``named_tensors``: (name, tensor) pairs, streamed (a generator of buckets is fine), or a name -> tensor dict.
@@ -358,11 +361,33 @@ class EmbeddedEngine:
                     )
                 dest.copy_(tensor)
                 count += 1
-        self.weight_version += 1
+        self.weight_version = version or str(int(self.weight_version) + 1)
         return count
+
+    def check_weights(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Raise ``ValueError`` unless every name is one :meth:`update_weights` accepts, with the right shape
+        (copies nothing: a caller checks a whole checkpoint before loading any of it)."""
+        for name, shape in shapes.items():
+            target = self._targets.get(name)
+            if target is None:
+                raise ValueError(f"unknown tensor {name!r} for {type(self.model).__name__}")
+            param, index = target
+            want = tuple((param[index] if index else param).shape)
+            if tuple(shape) != want:
+                raise ValueError(f"tensor {name!r} has shape {tuple(shape)} but the model expects {want}")
+
+    def named_weights(self) -> Iterable[tuple[str, Tensor]]:
+        """``(name, tensor)`` of every weight under the names a checkpoint uses: per-expert names where the
+        model fuses experts (``experts.E.gate_proj.weight`` ...), the parameter names elsewhere."""
+        for name, (param, index) in self._targets.items():
+            if name not in self._fused_names:
+                yield name, param[index] if index else param
 
     def flush_cache(self) -> None:
         """No-op: the engine keeps no KV or prefix cache between ``generate`` calls (each call builds its own)."""
+
+    def close(self) -> None:
+        """No-op: the engine lives in this process."""
 
 
 def _model_from_config(config: Any, *, init_seed: int, **kwargs: Any) -> torch.nn.Module:

@@ -134,8 +134,8 @@ class RolloutEngine(Protocol):
         the same whichever call or engine serves it."""
         ...
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
-        """Copy Hugging Face-named tensors into the model in place; return how many were loaded.
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str = "") -> int:
+        """Load Hugging Face-named full tensors (streamed) and set the weight version; return how many were loaded.
 
         An unknown name or a shape mismatch raises ``ValueError`` naming the tensor and both shapes.
         """
@@ -143,4 +143,8 @@ class RolloutEngine(Protocol):
 
     def flush_cache(self) -> None:
         """Drop any cached KV / prefix state (call after a weight update if the engine keeps one)."""
+        ...
+
+    def close(self) -> None:
+        """Release what the engine holds (stop the processes it started)."""
         ...

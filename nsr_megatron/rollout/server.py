@@ -1,49 +1,49 @@
-"""A strict subset of SGLang's native HTTP API over any :class:`RolloutEngine`, plus :class:`HttpEngine`, its client.
+"""The project's rollout server: SGLang's HTTP protocol (the subset an RL trainer uses) over an
+:class:`~nsr_megatron.rollout.embedded.EmbeddedEngine`, so one client (:class:`~nsr_megatron.rollout.client.HttpEngine`)
+drives it and real SGLang alike, and CPU machines get a multi-engine rollout tier.
 
-Standard library only (``http.server.ThreadingHTTPServer``, ``urllib``); requests are served one at a time
-through a lock (the engine is not thread-safe, and a weight update must not interleave with a generation).
+Standard library HTTP (``ThreadingHTTPServer``); generation and weight copies take turns on one lock.
 
-Endpoints (shapes follow SGLang's ``/generate``; anything not listed is refused with 404 / 400, never ignored):
+Endpoints (shapes as SGLang 0.5.23 answers them; ``shared/SGLANG.md``):
 
-``GET /health``            200, empty body.
-``GET /get_model_info``    ``{"model_path", "tokenizer_path": null, "is_generation": true, "weight_version"}``.
-``POST /generate``         body ``{"input_ids": [[...], ...] | [...], "sampling_params": {"max_new_tokens",
-                           "temperature", "top_p", "top_k", "stop_token_ids", "n", "sampling_seed"},
-                           "return_logprob": bool, "seed": int}``. Reply, as in SGLang: one object per (prompt,
-                           sample), prompt-major (entry ``i * n + j`` is sample j of prompt i), a bare object when
-                           ``input_ids`` is one flat prompt and n == 1::
+- ``GET /health``, ``GET /health_generate``: 200, empty body. ``GET /model_info``: ``model_path``,
+  ``weight_version``, ``is_generation``. ``GET /server_info``.
+- ``POST /generate``: ``input_ids`` (one prompt or a list), ``sampling_params`` (a dict, or one per prompt:
+  ``max_new_tokens``, ``temperature`` (0 = greedy), ``top_p``, ``top_k`` (-1 or 0 = off), ``stop_token_ids``, ``n``,
+  ``sampling_seed``), ``return_logprob``, ``stream`` (false). Reply: one object per (prompt, sample), prompt-major,
+  an object for a single prompt with n = 1: ``output_ids`` and ``meta_info`` (``id``, ``prompt_tokens``,
+  ``completion_tokens``, ``cached_tokens``, ``weight_version``, ``finish_reason`` ``{"type": "stop", "matched"}`` /
+  ``{"type": "length", "length"}``, and with ``return_logprob`` ``output_token_logprobs`` =
+  ``[[logprob, token_id, null], ...]``). A sample's draws are keyed by its prompt's ``sampling_seed``, so it does
+  not depend on which engine serves it (SGLang's ``sampling_seed`` acts only in its deterministic mode).
+- ``POST /flush_cache``; ``POST /pause_generation`` (new requests wait) and ``/continue_generation``.
+- weights, each answering ``{"success": bool, "message": str}`` (400 on failure):
+  ``/begin_weight_update`` and ``/end_weight_update`` enclose ``/update_weights_from_distributed``;
+  ``/init_weights_update_group`` (join the trainer's group, gloo or NCCL) and ``/destroy_weights_update_group``;
+  ``/update_weights_from_distributed`` (``names``, ``dtypes``, ``shapes``, ``load_format`` null or
+  ``flattened_bucket``: one uint8 broadcast of the tensors back to back); ``/update_weights_from_disk``
+  (``model_path`` of a safetensors folder; checked completely before anything is copied, so a bad folder changes
+  nothing); ``/update_weight_version``. ``/update_weights_from_tensor`` is refused: this server never unpickles.
+- ``POST /weights_checker {"action": "checksum"}`` (sha256 of each tensor's bytes, under the checkpoint's names)
+  and ``POST /get_weights_by_name {"name", "truncate_size"}``.
 
-                               {"output_ids": [...], "meta_info": {"id", "prompt_tokens", "completion_tokens",
-                                "cached_tokens": 0, "finish_reason": {"type": "stop", "matched": id} |
-                                {"type": "length", "length": max_new_tokens},
-                                "output_token_logprobs": [[logprob, token_id, null], ...]}}
+Unknown fields are refused with 400 (inside ``sampling_params`` with SGLang's own message; SGLang ignores unknown
+top-level fields, this server refuses them so that a client bug shows). Errors are JSON ``{"error": ...}``.
 
-                           (no ``"text"``: the server holds no tokenizer, like SGLang's ``skip_tokenizer_init``;
-                           ``output_token_logprobs`` only with ``return_logprob``). The log-prob convention is
-                           :mod:`nsr_megatron.rollout.engine`'s.
-``POST /flush_cache``      200 ``"Cache flushed.\\n"``.
-``POST /update_weights_from_tensor``  body: one safetensors file (``Content-Type: application/octet-stream``);
-                           the tensor names come from its header. Never pickle (SGLang's own payload is pickled, so
-                           this endpoint is shape-compatible in name only). ``{"success": true, "message",
-                           "num_tensors"}``.
-
-Security: weight-changing endpoints (``/update_weights_from_tensor``, ``/flush_cache``) need
-``Authorization: Bearer <token>`` whenever the server binds to anything but loopback (it refuses to start there
-without a token) and, with ``require_token=True``, always; otherwise 401. Errors are JSON
-``{"error": {"message", "field", "code"}}`` (400 for a bad request, naming the field).
+Security: it binds to 127.0.0.1 by default and refuses any other address without an API key. With a key
+(``--api-key`` or env ``NSR_ROLLOUT_TOKEN``) every endpoint but ``/health*`` needs ``Authorization: Bearer <key>``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import hmac
 import json
 import logging
-import math
 import os
 import threading
-import urllib.error
-import urllib.request
+import time
 import uuid
 from collections.abc import Iterable
 from http import HTTPStatus
@@ -52,67 +52,68 @@ from typing import Any
 
 import torch
 
-from nsr_megatron.rollout.engine import Generation, RolloutEngine, SamplingParams
+from nsr_megatron.rollout.client import TOKEN_ENV
+from nsr_megatron.rollout.engine import Generation, SamplingParams
+from nsr_megatron.rollout.weight_sync import JoinedGroup, join_weight_update_group, unpack
 
-__all__ = ["HttpEngine", "RolloutServer", "main"]
+__all__ = ["RolloutServer", "main"]
 
 logger = logging.getLogger(__name__)
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
-_SAMPLING_KEYS = frozenset({"max_new_tokens", "temperature", "top_p", "top_k", "stop_token_ids", "n", "sampling_seed"})
-_GENERATE_KEYS = frozenset({"input_ids", "sampling_params", "return_logprob", "seed", "stream"})
-_TOKEN_ENV = "NSR_ROLLOUT_TOKEN"
+# SGLang 0.5.23's sampling parameters; this server implements the first seven and refuses the rest by name.
+SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop_token_ids", "n", "sampling_seed")
+SGLANG_SAMPLING_KEYS = SAMPLING_KEYS[:5] + ("stop", "stop_regex", "min_p", "frequency_penalty", "presence_penalty",
+                                             "repetition_penalty", "min_new_tokens", "n", "json_schema", "regex",
+                                             "ebnf", "structural_tag", "ignore_eos", "skip_special_tokens",
+                                             "spaces_between_special_tokens", "no_stop_trim", "stream_interval",
+                                             "logit_bias", "sampling_seed", "custom_params")
+GENERATE_KEYS = frozenset({"input_ids", "sampling_params", "return_logprob", "stream", "rid", "logprob_start_len"})
+OPEN_PATHS = frozenset({"/health", "/health_generate"})
 
 
 class RequestError(ValueError):
-    """A bad request: answered with ``status`` and a JSON error naming ``field``."""
+    """A bad request: answered with ``status`` and ``{"error": ...}`` (``payload`` when given)."""
 
-    def __init__(self, message: str, *, field: str | None = None, status: int = 400) -> None:
+    def __init__(self, message: str, *, status: int = 400, payload: Any = None) -> None:
         super().__init__(message)
-        self.field = field
         self.status = status
+        self.payload = payload
+
+
+class WeightError(RequestError):
+    """A failed weight request: answered ``{"success": false, "message"}``."""
 
 
 class RolloutServer:
-    """Serves ``engine`` over HTTP on ``host:port`` (``port=0`` picks a free port; see :attr:`url`).
+    """Serves ``engine`` on ``host:port`` (``port=0`` picks a free port; see :attr:`url`).
 
     Args:
-        engine: any :class:`RolloutEngine` (normally an ``EmbeddedEngine``).
+        engine: an :class:`~nsr_megatron.rollout.embedded.EmbeddedEngine`.
         host: bind address; loopback by default. Any other address needs ``api_token``.
         port: TCP port (0 = any free port).
-        api_token: the bearer token for weight-changing endpoints (default: env ``NSR_ROLLOUT_TOKEN``).
-        require_token: demand the token even on loopback.
-        model_path: reported by ``/get_model_info``.
-        max_body_bytes: larger request bodies are refused with 413 (weight buckets must fit).
+        api_token: the bearer token every endpoint but ``/health*`` then needs (default: env ``NSR_ROLLOUT_TOKEN``).
+        model_path: reported by ``/model_info``.
+        max_body_bytes: larger request bodies are refused with 413.
     """
 
-    def __init__(
-        self,
-        engine: RolloutEngine,
-        *,
-        host: str = "127.0.0.1",
-        port: int = 30000,
-        api_token: str | None = None,
-        require_token: bool = False,
-        model_path: str = "",
-        max_body_bytes: int = 8 << 30,
-    ) -> None:
-        token = api_token if api_token is not None else os.environ.get(_TOKEN_ENV) or None
-        loopback = host in LOOPBACK_HOSTS
-        if not loopback and not token:
+    def __init__(self, engine: Any, *, host: str = "127.0.0.1", port: int = 30000, api_token: str | None = None,
+                 model_path: str = "", max_body_bytes: int = 64 << 20) -> None:
+        token = api_token if api_token is not None else os.environ.get(TOKEN_ENV) or None
+        if host not in LOOPBACK_HOSTS and not token:
             raise ValueError(
-                f"RolloutServer(host={host!r}): binding beyond loopback exposes /update_weights_from_tensor; set "
-                f"api_token (or the {_TOKEN_ENV} environment variable), or bind to 127.0.0.1."
-            )
-        if require_token and not token:
-            raise ValueError(f"RolloutServer(require_token=True) needs api_token (or the {_TOKEN_ENV} variable).")
+                f"RolloutServer(host={host!r}): binding beyond loopback exposes the weight endpoints; set an API key "
+                f"(--api-key or the {TOKEN_ENV} environment variable), or bind to 127.0.0.1.")
         self.engine = engine
         self.model_path = model_path
         self.max_body_bytes = max_body_bytes
+        self.weight_version = "default"
         self._token = token
-        self._token_required = require_token or not loopback
-        self._lock = threading.Lock()
-        self._weight_version = 0
+        self._lock = threading.Lock()  # generation and weight copies take turns
+        self._resumed = threading.Event()
+        self._resumed.set()
+        self._session = False
+        self._groups: dict[str, JoinedGroup] = {}
         self._thread: threading.Thread | None = None
         self.httpd = ThreadingHTTPServer((host, port), _make_handler(self))
         self.httpd.daemon_threads = True
@@ -128,14 +129,10 @@ class RolloutServer:
 
     def start(self) -> RolloutServer:
         """Serve in a daemon thread; returns self."""
-        self._thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="rollout-server", daemon=True
-        )
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="rollout-server", daemon=True)
         self._thread.start()
         return self
-
-    def serve_forever(self) -> None:
-        self.httpd.serve_forever()
 
     def close(self) -> None:
         if self._thread is not None:
@@ -143,6 +140,9 @@ class RolloutServer:
             self._thread.join()
             self._thread = None
         self.httpd.server_close()
+        for group in self._groups.values():
+            group.close()
+        self._groups.clear()
 
     def __enter__(self) -> RolloutServer:
         return self.start() if self._thread is None else self
@@ -150,132 +150,306 @@ class RolloutServer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ------------------------------------------------------------------ request handling (called by the handler)
-
-    def authorized(self, header: str | None) -> bool:
-        if not self._token_required:
+    def authorized(self, path: str, header: str | None) -> bool:
+        if self._token is None or path in OPEN_PATHS:
             return True
         if not header or not header.startswith("Bearer "):
             return False
-        assert self._token is not None
-        return hmac.compare_digest(header[len("Bearer ") :].strip().encode(), self._token.encode())
+        return hmac.compare_digest(header[len("Bearer "):].strip().encode(), self._token.encode())
 
+    # ------------------------------------------------------------------------------------------------ read-only
     def model_info(self) -> dict[str, Any]:
-        return {
-            "model_path": self.model_path,
-            "tokenizer_path": None,
-            "is_generation": True,
-            "weight_version": str(self._weight_version),
-        }
+        return {"model_path": self.model_path, "tokenizer_path": None, "is_generation": True,
+                "weight_version": self.weight_version}
 
+    def server_info(self) -> dict[str, Any]:
+        from nsr_megatron import __version__
+
+        return {"version": f"nsr-megatron {__version__}", "status": "ready", **self.model_info()}
+
+    # ------------------------------------------------------------------------------------------------ generation
     def generate(self, body: Any) -> Any:
-        prompts, flat, params, n, seed, return_logprob = parse_generate_request(body)
+        prompts, flat, requests, return_logprob = parse_generate_request(body)
+        self._resumed.wait()  # paused: new requests wait, as SGLang's do
+        out: list[Any] = [None] * len(prompts)
+        with self._lock:
+            version = self.weight_version
+            # One engine call per distinct (params, n); each prompt keyed by its own seed.
+            by_params: dict[tuple[SamplingParams, int], list[int]] = {}
+            for i, (params, n, _) in enumerate(requests):
+                by_params.setdefault((params, n), []).append(i)
+            for (params, n), idx in by_params.items():
+                try:
+                    groups = self.engine.generate([prompts[i] for i in idx], params, n=n,
+                                                  seeds=[requests[i][2] for i in idx])
+                except ValueError as exc:  # the engine's checks against the model (vocabulary size)
+                    raise RequestError(str(exc)) from exc
+                for i, group in zip(idx, groups, strict=True):
+                    out[i] = [_sglang_output(g, params, return_logprob, version) for g in group]
+        items = [item for group in out for item in group]  # prompt-major: i * n + j
+        return items[0] if flat and len(items) == 1 else items
+
+    def pause(self, body: Any) -> dict[str, Any]:
+        mode = body.get("mode", "abort") if isinstance(body, dict) else "abort"
+        if mode not in ("abort", "retract", "in_place"):
+            raise RequestError(f"mode={mode!r} is not one of abort, retract, in_place")
+        self._resumed.clear()
+        return {"message": "Generation paused successfully.", "status": "ok"}
+
+    def resume(self) -> dict[str, Any]:
+        self._resumed.set()
+        return {"message": "Generation continued successfully.", "status": "ok"}
+
+    # ------------------------------------------------------------------------------------------------ weights
+    def begin_weight_update(self) -> dict[str, Any]:
+        if self._session:
+            raise WeightError("a weight-update session is already open; call end_weight_update() first")
+        self._session = True
+        return {"success": True, "message": "Success"}
+
+    def end_weight_update(self) -> dict[str, Any]:
+        if not self._session:
+            raise WeightError("no weight-update session is open; call begin_weight_update() first")
+        self._session = False
+        return {"success": True, "message": "Success"}
+
+    def init_group(self, body: dict[str, Any]) -> dict[str, Any]:
+        fields = _require_fields(body, ("master_address", "master_port", "rank_offset", "world_size",
+                                        "group_name"), optional=("backend",))
+        name = str(fields["group_name"])
+        if name in self._groups:
+            raise WeightError(f"group {name!r} already exists; destroy it first")
+        try:
+            self._groups[name] = join_weight_update_group(
+                master_address=str(fields["master_address"]), master_port=int(fields["master_port"]),
+                rank=int(fields["rank_offset"]), world_size=int(fields["world_size"]), group_name=name,
+                backend=str(fields.get("backend") or ("nccl" if torch.cuda.is_available() else "gloo")))
+        except (RuntimeError, ValueError) as exc:
+            raise WeightError(f"Failed to initialize custom process group: {exc}") from exc
+        return {"success": True, "message": "Succeeded to initialize custom process group."}
+
+    def destroy_group(self, body: dict[str, Any]) -> dict[str, Any]:
+        name = str(_require_fields(body, ("group_name",))["group_name"])
+        group = self._groups.pop(name, None)
+        if group is None:
+            raise WeightError(f"no group {name!r}")
+        group.close()
+        return {"success": True, "message": "Succeeded to destroy custom process group."}
+
+    def update_from_distributed(self, body: dict[str, Any]) -> dict[str, Any]:
+        if not self._session:
+            raise WeightError("update_weights_from_distributed must run between begin_weight_update() and "
+                              "end_weight_update()")
+        f = _require_fields(body, ("names", "dtypes", "shapes", "group_name"),
+                            optional=("flush_cache", "weight_version", "load_format"))
+        group = self._groups.get(str(f["group_name"]))
+        if group is None:
+            raise WeightError(f"no group {f['group_name']!r}; call init_weights_update_group first")
+        names, shapes = list(f["names"]), [tuple(int(d) for d in s) for s in f["shapes"]]
+        dtypes = [_dtype(d) for d in f["dtypes"]]
+        if not len(names) == len(dtypes) == len(shapes):
+            raise WeightError("names, dtypes and shapes must have the same length")
+        if f.get("load_format") == "flattened_bucket":
+            total = sum(_numel(s) * torch.empty((), dtype=d).element_size() for d, s in zip(dtypes, shapes,
+                                                                                              strict=True))
+            flat = torch.empty(total, dtype=torch.uint8)
+            group.receive(flat)
+            pairs = unpack(flat, names, dtypes, shapes)
+        elif f.get("load_format") is None:
+            pairs = []
+            for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
+                t = torch.empty(shape, dtype=dtype)
+                group.receive(t)
+                pairs.append((name, t))
+        else:
+            raise WeightError(f"load_format={f['load_format']!r} is not null or 'flattened_bucket'")
+        return self._load(pairs, f.get("weight_version"), "Succeeded to update parameter online.")
+
+    def update_from_disk(self, body: dict[str, Any]) -> dict[str, Any]:
+        from nsr_megatron.convert.io import HFCheckpoint
+
+        f = _require_fields(body, ("model_path",), optional=("weight_version", "flush_cache", "load_format"))
+        path = str(f["model_path"])
+        try:
+            ckpt = HFCheckpoint(path)
+        except (ValueError, OSError) as exc:
+            raise WeightError(f"Failed to get weights iterator: {exc}") from exc
+        try:
+            shapes = ckpt.shapes()
+            self.engine.check_weights(shapes)  # everything checked before anything is copied
+            result = self._load(((n, ckpt.read(n)) for n in shapes), f.get("weight_version"),
+                                "Succeeded to update model weights.")
+        except ValueError as exc:
+            raise WeightError(f"Failed to update weights: {exc}") from exc
+        finally:
+            ckpt.close()
+        self.model_path = path
+        return {**result, "num_paused_requests": 0}
+
+    def update_version(self, body: dict[str, Any]) -> dict[str, Any]:
+        version = str(_require_fields(body, ("new_version",), optional=("abort_all_requests",))["new_version"])
+        self.weight_version = version
+        return {"success": True, "message": f"Weight version updated to {version}", "new_version": version}
+
+    def _load(self, pairs: Iterable[tuple[str, torch.Tensor]], version: Any, what: str) -> dict[str, Any]:
         with self._lock:
             try:
-                groups = self.engine.generate(prompts, params, n=n, seed=seed)
-            except ValueError as exc:  # the engine's checks against the model (vocabulary size)
-                msg = str(exc)
-                field = "sampling_params.stop_token_ids" if "stop_token_ids" in msg else "input_ids"
-                raise RequestError(msg, field=field) from exc
-        out = [
-            _sglang_output(gen, params, return_logprob) for group in groups for gen in group
-        ]  # prompt-major: i * n + j
-        return out[0] if flat and n == 1 else out
+                count = self.engine.update_weights(pairs)
+            except ValueError as exc:
+                raise WeightError(str(exc)) from exc
+            if version is not None:
+                self.weight_version = str(version)
+        suffix = f" Weight version updated to {self.weight_version}." if version is not None else ""
+        return {"success": True, "message": f"{what}{suffix}", "num_tensors": count}
 
-    def flush_cache(self) -> None:
+    def checksums(self) -> dict[str, Any]:
         with self._lock:
-            self.engine.flush_cache()
+            sums = {name: _checksum(t) for name, t in self.engine.named_weights()}
+        return {"success": True, "message": "Success.", "ranks": [{"checksums": sums}]}
 
-    def update_weights(self, blob: bytes) -> dict[str, Any]:
-        from safetensors.torch import load as load_safetensors
-
-        try:
-            tensors = load_safetensors(blob)
-        except Exception as exc:  # safetensors raises its own error types on a corrupt header
-            raise RequestError(f"body is not a safetensors file: {exc}", field="body") from exc
+    def weights_by_name(self, body: dict[str, Any]) -> Any:
+        f = _require_fields(body, ("name",), optional=("truncate_size",))
         with self._lock:
-            count = self.engine.update_weights(tensors.items())
-            self._weight_version += 1
-        return {"success": True, "message": f"Loaded {count} tensors.", "num_tensors": count}
+            weights = dict(self.engine.named_weights())
+        name = str(f["name"])
+        if name not in weights:
+            raise RequestError(f"Get parameter by name failed: no tensor {name!r}")
+        flat = weights[name].detach().float().reshape(-1)
+        return flat[: int(f.get("truncate_size") or flat.numel())].tolist()
 
 
-def parse_generate_request(body: Any) -> tuple[list[list[int]], bool, SamplingParams, int, int, bool]:
-    """Validate a ``/generate`` body -> (prompts, flat input, params, n, seed, return_logprob); RequestError if bad."""
+# ---------------------------------------------------------------------------------------------------- parsing
+def parse_generate_request(body: Any) -> tuple[list[list[int]], bool, list[tuple[SamplingParams, int, int]], bool]:
+    """Validate a ``/generate`` body -> (prompts, single input, [(params, n, seed)] per prompt, return_logprob)."""
     if not isinstance(body, dict):
-        raise RequestError("the body must be a JSON object", field="body")
-    unknown = sorted(set(body) - _GENERATE_KEYS)
+        raise RequestError("the body must be a JSON object")
+    unknown = sorted(set(body) - GENERATE_KEYS)
     if unknown:
-        raise RequestError(
-            f"unsupported fields {unknown}; this server takes {sorted(_GENERATE_KEYS)}", field=unknown[0]
-        )
+        raise RequestError(f"unknown field `{unknown[0]}`: this server takes {sorted(GENERATE_KEYS)} (no `text`: "
+                           "it holds no tokenizer)")
     if body.get("stream"):
-        raise RequestError("streaming is not supported; send stream=false", field="stream")
+        raise RequestError("streaming is not supported; send stream=false")
     ids = body.get("input_ids")
     if not isinstance(ids, list) or not ids:
-        raise RequestError("input_ids must be a non-empty list of token ids or of token-id lists", field="input_ids")
+        raise RequestError("input_ids must be a non-empty list of token ids or of token-id lists")
     flat = not isinstance(ids[0], list)
     prompts = [ids] if flat else ids
     for k, p in enumerate(prompts):
         if not isinstance(p, list) or not p or not all(_is_int(t) and t >= 0 for t in p):
-            raise RequestError(f"input_ids[{k}] must be a non-empty list of non-negative ints", field="input_ids")
+            raise RequestError(f"input_ids[{k}] must be a non-empty list of non-negative ints")
     sp = body.get("sampling_params", {})
+    per_prompt = sp if isinstance(sp, list) else [sp] * len(prompts)
+    if len(per_prompt) != len(prompts):
+        raise RequestError(f"sampling_params holds {len(per_prompt)} entries for {len(prompts)} prompts")
+    requests = [_sampling(p) for p in per_prompt]
+    return_logprob = body.get("return_logprob", False)
+    if not isinstance(return_logprob, bool):
+        raise RequestError("return_logprob must be true or false")
+    return [list(p) for p in prompts], flat, requests, return_logprob
+
+
+def _sampling(sp: Any) -> tuple[SamplingParams, int, int]:
     if not isinstance(sp, dict):
-        raise RequestError("sampling_params must be an object", field="sampling_params")
-    unknown = sorted(set(sp) - _SAMPLING_KEYS)
-    if unknown:
-        raise RequestError(
-            f"unsupported sampling_params {unknown}; this server takes {sorted(_SAMPLING_KEYS)}",
-            field=f"sampling_params.{unknown[0]}",
-        )
-    n = sp.get("n", 1)
+        raise RequestError("sampling_params must be an object (or a list of one per prompt)")
+    unknown = sorted(set(sp) - set(SGLANG_SAMPLING_KEYS))
+    if unknown:  # SGLang's own message
+        expected = ", ".join(f"`{k}`" for k in SGLANG_SAMPLING_KEYS)
+        raise RequestError("", payload={"error": f"unknown field `{unknown[0]}`, expected one of {expected}"})
+    unsupported = sorted(k for k in sp if k not in SAMPLING_KEYS and sp[k] not in (None, False))
+    if unsupported:
+        raise RequestError(f"sampling_params.{unsupported[0]} is not supported by this server; it takes "
+                           f"{list(SAMPLING_KEYS)}")
+    n, seed = sp.get("n", 1), sp.get("sampling_seed", 0)
     if not _is_int(n) or n < 1:
-        raise RequestError(f"n={n!r} must be an int >= 1", field="sampling_params.n")
-    seed: Any = body.get("seed", sp.get("sampling_seed", 0))
-    if "seed" in body and "sampling_seed" in sp and body["seed"] != sp["sampling_seed"]:
-        raise RequestError("seed and sampling_params.sampling_seed disagree; send one", field="seed")
+        raise RequestError(f"sampling_params.n={n!r} must be an int >= 1")
     if not _is_int(seed):
-        raise RequestError(f"seed={seed!r} must be an int", field="seed")
-    kwargs = {k: sp[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k") if k in sp}
-    if "stop_token_ids" in sp:
-        stop = sp["stop_token_ids"]
-        if stop is not None and not isinstance(stop, list):
-            raise RequestError("stop_token_ids must be a list of ints", field="sampling_params.stop_token_ids")
-        kwargs["stop_token_ids"] = tuple(stop or ())
+        raise RequestError(f"sampling_params.sampling_seed={seed!r} must be an int")
+    kwargs: dict[str, Any] = {k: sp[k] for k in ("max_new_tokens", "top_p") if k in sp}
+    temperature = sp.get("temperature", 1.0)
+    top_k = sp.get("top_k", -1)
+    if not _is_int(top_k) or top_k < -1:
+        raise RequestError(f"sampling_params.top_k={top_k!r} must be an int >= -1 (-1 or 0 = off)")
+    kwargs["top_k"] = max(0, top_k)
+    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature == 0:
+        kwargs["top_k"], temperature = 1, 1.0  # SGLang: temperature 0 is greedy
+    kwargs["temperature"] = temperature
+    if sp.get("stop_token_ids") is not None:
+        if not isinstance(sp["stop_token_ids"], list):
+            raise RequestError("sampling_params.stop_token_ids must be a list of ints")
+        kwargs["stop_token_ids"] = tuple(sp["stop_token_ids"])
     try:
         params = SamplingParams(**kwargs)
     except ValueError as exc:
-        field = next((k for k in kwargs if f".{k}=" in str(exc)), None)
-        raise RequestError(str(exc), field=f"sampling_params.{field}" if field else "sampling_params") from exc
-    return_logprob = body.get("return_logprob", False)
-    if not isinstance(return_logprob, bool):
-        raise RequestError("return_logprob must be true or false", field="return_logprob")
-    return [list(p) for p in prompts], flat, params, int(n), int(seed), return_logprob
+        raise RequestError(str(exc)) from exc
+    return params, int(n), int(seed)
+
+
+def _require_fields(body: Any, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise WeightError("the body must be a JSON object")
+    unknown = sorted(set(body) - set(required) - set(optional))
+    if unknown:
+        raise WeightError(f"unknown field `{unknown[0]}`; expected {list(required + optional)}")
+    missing = [k for k in required if k not in body]
+    if missing:
+        raise WeightError(f"missing field `{missing[0]}`")
+    return body
+
+
+def _dtype(name: Any) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise WeightError(f"dtype {name!r} is not a torch dtype name (e.g. bfloat16)")
+    return dtype
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _checksum(t: torch.Tensor) -> str:
+    raw = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return f"{int.from_bytes(hashlib.sha256(raw).digest()[:8], 'big'):016x}"
 
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _sglang_output(gen: Generation, params: SamplingParams, return_logprob: bool) -> dict[str, Any]:
+def _sglang_output(gen: Generation, params: SamplingParams, return_logprob: bool, version: str) -> dict[str, Any]:
     if gen.finish_reason == "stop":
         finish: dict[str, Any] = {"type": "stop", "matched": gen.response_ids[-1]}
     else:
         finish = {"type": "length", "length": params.max_new_tokens}
-    meta: dict[str, Any] = {
-        "id": uuid.uuid4().hex,
-        "finish_reason": finish,
-        "prompt_tokens": len(gen.prompt_ids),
-        "completion_tokens": len(gen.response_ids),
-        "cached_tokens": 0,
-    }
+    meta: dict[str, Any] = {"id": uuid.uuid4().hex, "finish_reason": finish, "prompt_tokens": len(gen.prompt_ids),
+                            "completion_tokens": len(gen.response_ids), "cached_tokens": 0, "weight_version": version}
     if return_logprob:
-        meta["output_token_logprobs"] = [
-            [lp, tok, None] for lp, tok in zip(gen.response_logprobs, gen.response_ids, strict=True)
-        ]
+        meta["output_token_logprobs"] = [[lp, tok, None] for lp, tok in
+                                         zip(gen.response_logprobs, gen.response_ids, strict=True)]
     return {"output_ids": list(gen.response_ids), "meta_info": meta}
 
 
+# ---------------------------------------------------------------------------------------------------- HTTP
 def _make_handler(server: RolloutServer) -> type[BaseHTTPRequestHandler]:
+    posts = {
+        "/generate": server.generate,
+        "/pause_generation": server.pause,
+        "/continue_generation": lambda body: server.resume(),
+        "/begin_weight_update": lambda body: server.begin_weight_update(),
+        "/end_weight_update": lambda body: server.end_weight_update(),
+        "/init_weights_update_group": server.init_group,
+        "/destroy_weights_update_group": server.destroy_group,
+        "/update_weights_from_distributed": server.update_from_distributed,
+        "/update_weights_from_disk": server.update_from_disk,
+        "/update_weight_version": server.update_version,
+        "/weights_checker": lambda body: server.checksums(),
+        "/get_weights_by_name": server.weights_by_name,
+    }
+    gets = {"/model_info": server.model_info, "/get_model_info": server.model_info, "/server_info": server.server_info}
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -289,37 +463,36 @@ def _make_handler(server: RolloutServer) -> type[BaseHTTPRequestHandler]:
             self._dispatch("POST")
 
         def _dispatch(self, method: str) -> None:
+            path = self.path.split("?", 1)[0]
             try:
-                route = (method, self.path.split("?", 1)[0])
-                if route == ("GET", "/health"):
+                if not server.authorized(path, self.headers.get("Authorization")):
+                    body = self._read_body()  # drain it
+                    raise RequestError("missing or wrong bearer token (Authorization: Bearer <key>)",
+                                       status=HTTPStatus.UNAUTHORIZED)
+                if method == "GET" and path in OPEN_PATHS:
                     self._send(200, b"", "text/plain")
-                elif route == ("GET", "/get_model_info"):
-                    self._send_json(200, server.model_info())
-                elif route == ("POST", "/generate"):
-                    self._send_json(200, server.generate(self._json(self._read_body())))
-                elif route == ("POST", "/flush_cache"):
-                    self._authorize()
-                    server.flush_cache()
+                elif method == "GET" and path in gets:
+                    self._send_json(200, gets[path]())
+                elif method == "POST" and path == "/flush_cache":
+                    self._read_body()
                     self._send(200, b"Cache flushed.\n", "text/plain")
-                elif route == ("POST", "/update_weights_from_tensor"):
-                    self._authorize()
-                    ctype = self.headers.get("Content-Type", "").split(";")[0].strip()
-                    if ctype != "application/octet-stream":
-                        raise RequestError(
-                            f"Content-Type {ctype or '(none)'!r}: send one safetensors file as application/octet-stream "
-                            "(pickled tensors are never accepted)",
-                            field="Content-Type",
-                        )
-                    self._send_json(200, server.update_weights(self._read_body()))
+                elif method == "POST" and path == "/update_weights_from_tensor":
+                    self._read_body()
+                    raise WeightError("this server never unpickles tensors: use /update_weights_from_distributed or "
+                                      "/update_weights_from_disk")
+                elif method == "POST" and path in posts:
+                    body = self._read_body()
+                    self._send_json(200, posts[path](self._json(body) if body else {}))
                 else:
-                    raise RequestError(f"no endpoint {method} {route[1]}", field="path", status=404)
+                    raise RequestError(f"no endpoint {method} {path}", status=404)
+            except WeightError as exc:
+                self._send_json(exc.status, {"success": False, "message": str(exc)}, close=True)
             except RequestError as exc:
-                self._send_error(exc.status, str(exc), exc.field)
-            except ValueError as exc:  # the engine's own validation (unknown tensor, bad token id, ...)
-                self._send_error(400, str(exc), None)
+                payload = exc.payload if exc.payload is not None else {"error": {"message": str(exc), "code": exc.status}}
+                self._send_json(exc.status, payload, close=True)
             except Exception as exc:  # keep the server alive; the client sees the reason
-                logger.exception("rollout server: %s %s failed", method, self.path)
-                self._send_error(500, f"{type(exc).__name__}: {exc}", None)
+                logger.exception("rollout server: %s %s failed", method, path)
+                self._send_json(500, {"error": {"message": f"{type(exc).__name__}: {exc}", "code": 500}}, close=True)
 
         def _read_body(self) -> bytes:
             length = self.headers.get("Content-Length")
@@ -328,34 +501,23 @@ def _make_handler(server: RolloutServer) -> type[BaseHTTPRequestHandler]:
             try:
                 size = int(length)
             except ValueError as exc:
-                raise RequestError(f"Content-Length {length!r} is not an int", field="Content-Length") from exc
+                raise RequestError(f"Content-Length {length!r} is not an int") from exc
             if size > server.max_body_bytes:
                 self.close_connection = True
-                raise RequestError(
-                    f"body of {size} bytes exceeds max_body_bytes={server.max_body_bytes}; send smaller buckets",
-                    field="body",
-                    status=413,
-                )
+                raise RequestError(f"body of {size} bytes exceeds max_body_bytes={server.max_body_bytes}",
+                                   status=413)
             return self.rfile.read(size)
 
         def _json(self, body: bytes) -> Any:
             try:
                 return json.loads(body)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise RequestError(f"malformed JSON body: {exc}", field="body") from exc
+                raise RequestError(f"malformed JSON body: {exc}") from exc
 
-        def _authorize(self) -> None:
-            if not server.authorized(self.headers.get("Authorization")):
-                raise RequestError(
-                    "missing or wrong bearer token (Authorization: Bearer <token>)", field="Authorization", status=401
-                )
-
-        def _send_json(self, status: int, payload: Any) -> None:
-            self._send(status, json.dumps(payload, allow_nan=True).encode(), "application/json")
-
-        def _send_error(self, status: int, message: str, field: str | None) -> None:
-            self.close_connection = True  # the request body may be unread: do not reuse the connection
-            self._send_json(status, {"error": {"message": message, "field": field, "code": status}})
+        def _send_json(self, status: int, payload: Any, close: bool = False) -> None:
+            if close:
+                self.close_connection = True  # the request body may be unread: do not reuse the connection
+            self._send(status, json.dumps(payload).encode(), "application/json")
 
         def _send(self, status: int, data: bytes, content_type: str) -> None:
             self.send_response(status)
@@ -369,146 +531,29 @@ def _make_handler(server: RolloutServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-class HttpEngine:
-    """:class:`RolloutEngine` over the HTTP API above (or a compatible server), with ``urllib``.
-
-    Args:
-        base_url: e.g. ``"http://127.0.0.1:30000"``.
-        api_token: bearer token for the weight-changing endpoints (default: env ``NSR_ROLLOUT_TOKEN``).
-        timeout_s: per-request timeout.
-        bucket_bytes: ``update_weights`` sends tensors in safetensors files of about this many bytes.
-    """
-
-    def __init__(
-        self, base_url: str, *, api_token: str | None = None, timeout_s: float = 600.0, bucket_bytes: int = 512 << 20
-    ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.api_token = api_token if api_token is not None else os.environ.get(_TOKEN_ENV) or None
-        self.timeout_s = timeout_s
-        self.bucket_bytes = bucket_bytes
-
-    def health(self) -> bool:
-        try:
-            self._request("GET", "/health")
-        except (OSError, RuntimeError):
-            return False
-        return True
-
-    def model_info(self) -> dict[str, Any]:
-        return json.loads(self._request("GET", "/get_model_info"))
-
-    def generate(
-        self, prompts: list[list[int]], params: SamplingParams, *, n: int = 1, seed: int = 0
-    ) -> list[list[Generation]]:
-        body = {
-            "input_ids": [list(p) for p in prompts],
-            "sampling_params": {
-                "max_new_tokens": params.max_new_tokens,
-                "temperature": params.temperature,
-                "top_p": params.top_p,
-                "top_k": params.top_k,
-                "stop_token_ids": list(params.stop_token_ids),
-                "n": n,
-            },
-            "return_logprob": True,
-            "seed": seed,
-        }
-        out = json.loads(self._request("POST", "/generate", json.dumps(body).encode(), "application/json"))
-        if not isinstance(out, list) or len(out) != len(prompts) * n:
-            raise RuntimeError(
-                f"{self.base_url}/generate returned {type(out).__name__} of wrong length, "
-                f"expected a list of {len(prompts) * n}"
-            )
-        groups: list[list[Generation]] = []
-        for i, prompt in enumerate(prompts):
-            group = []
-            for item in out[i * n : (i + 1) * n]:
-                meta = item["meta_info"]
-                logprobs = meta.get("output_token_logprobs") or []
-                group.append(
-                    Generation(
-                        prompt_ids=list(prompt),
-                        response_ids=list(item["output_ids"]),
-                        response_logprobs=[float(lp) if lp is not None else math.nan for lp, *_ in logprobs],
-                        finish_reason=meta["finish_reason"]["type"],
-                    )
-                )
-            groups.append(group)
-        return groups
-
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
-        """Send the tensors as safetensors files of about ``bucket_bytes`` each; returns the number loaded."""
-        from safetensors.torch import save as save_safetensors
-
-        count, bucket, size = 0, {}, 0
-        seen: set[int] = set()
-        for name, tensor in named_tensors:
-            t = tensor.detach().to("cpu")
-            # safetensors refuses shared or partial storage (tied weights, views): give those their own copy.
-            if not t.is_contiguous() or t.untyped_storage().nbytes() != t.nbytes or t.data_ptr() in seen:
-                t = t.contiguous().clone()
-            seen.add(t.data_ptr())
-            bucket[name] = t
-            size += t.nbytes
-            if size >= self.bucket_bytes:
-                count += self._send_bucket(save_safetensors(bucket))
-                bucket, size, seen = {}, 0, set()
-        if bucket:
-            count += self._send_bucket(save_safetensors(bucket))
-        return count
-
-    def _send_bucket(self, blob: bytes) -> int:
-        out = json.loads(self._request("POST", "/update_weights_from_tensor", blob, "application/octet-stream"))
-        return int(out["num_tensors"])
-
-    def flush_cache(self) -> None:
-        self._request("POST", "/flush_cache", b"", "text/plain")
-
-    def _request(self, method: str, path: str, data: bytes | None = None, content_type: str | None = None) -> bytes:
-        req = urllib.request.Request(self.base_url + path, data=data, method=method)
-        if content_type:
-            req.add_header("Content-Type", content_type)
-        if self.api_token:
-            req.add_header("Authorization", f"Bearer {self.api_token}")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                return resp.read()
-        except urllib.error.HTTPError as exc:
-            detail = exc.read().decode(errors="replace")
-            try:
-                detail = json.loads(detail)["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                pass
-            if exc.code == 400:
-                raise ValueError(f"{method} {path}: {detail}") from exc
-            raise RuntimeError(f"{method} {self.base_url}{path} -> HTTP {exc.code}: {detail}") from exc
-
-
 def main(argv: list[str] | None = None) -> None:
-    """``python -m nsr_megatron.rollout.server --model-path DIR [--host H] [--port P]`` (token: env NSR_ROLLOUT_TOKEN)."""
+    """``python -m nsr_megatron.rollout.server --model-path DIR [--host H] [--port P] [--api-key K]``."""
     from nsr_megatron.rollout.embedded import EmbeddedEngine
 
-    parser = argparse.ArgumentParser(description="Serve an EmbeddedEngine over a subset of SGLang's HTTP API.")
+    parser = argparse.ArgumentParser(description="The project's rollout server (SGLang's HTTP protocol).")
     parser.add_argument("--model-path", required=True, help="Hugging Face model directory")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=30000)
+    parser.add_argument("--api-key", default=None, help=f"bearer token (default: ${TOKEN_ENV})")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--max-batch-size", type=int, default=256)
-    parser.add_argument("--require-token", action="store_true", help=f"demand ${_TOKEN_ENV} even on loopback")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    engine = EmbeddedEngine(
-        args.model_path, dtype=getattr(torch, args.dtype), device=args.device, max_batch_size=args.max_batch_size
-    )
-    server = RolloutServer(
-        engine, host=args.host, port=args.port, require_token=args.require_token, model_path=args.model_path
-    )
-    logger.info("rollout server on %s", server.url)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    start = time.monotonic()
+    engine = EmbeddedEngine(args.model_path, dtype=getattr(torch, args.dtype), device=args.device,
+                            max_batch_size=args.max_batch_size)
+    server = RolloutServer(engine, host=args.host, port=args.port, api_token=args.api_key, model_path=args.model_path)
+    logger.info("rollout server on %s (ready in %.1f s)", server.url, time.monotonic() - start)
     try:
-        server.serve_forever()
+        server.httpd.serve_forever()
     finally:
-        server.httpd.server_close()
+        server.close()
 
 
 if __name__ == "__main__":

@@ -1,31 +1,41 @@
-"""Weight sync, engine side of the trainer: HF-named tensors packed into flat buckets, then pushed to engines.
+"""Weight sync: HF-named tensors packed into flat buckets, and the process group that broadcasts them to engines.
 
-:func:`buckets` packs a stream of ``(name, tensor)`` into :class:`FlatBucket` s: one contiguous byte buffer of at
-most ``bucket_bytes`` (a larger tensor gets a bucket of its own) plus the name, dtype, shape and offset of each
-tensor in it. A bucket owns its bytes, so the producer can free each full tensor as soon as it is packed: the
-sender holds at most the bucket being filled, the bucket being pushed, and one full tensor. A flat bucket is also
-what the distributed update broadcasts in one collective. The producer is the trainer's group-local export
-(``nsr_megatron.convert.sharded.HFExport``); nothing here imports megatron.
+:func:`buckets` packs a stream of ``(name, tensor)`` into :class:`FlatBucket` s in SGLang's ``flattened_bucket``
+layout: one contiguous uint8 buffer holding each tensor's raw bytes in order, without padding, and the names,
+dtypes and shapes that describe it. A bucket holds at most ``bucket_bytes`` (a larger tensor gets a bucket of its
+own) and one dtype (so every tensor starts at a multiple of its element size, as SGLang requires). A bucket owns its
+bytes: the producer can free each full tensor as soon as it is packed, so the sender holds at most the bucket being
+filled, the bucket being pushed, and one full tensor.
+
+:class:`WeightUpdateGroup` is the trainer's side of SGLang's ``/init_weights_update_group``: the trainer is rank 0
+of a process group of its own (not the training world) that the engines' ranks join, built from
+``torch.distributed``'s exported classes with the store key layout torch's group helper uses, so real SGLang
+(another torch version) and the project's server (:func:`join_weight_update_group`) both join it. gloo on CPU, NCCL
+on GPUs. The producer of the tensors is the trainer's group-local export; nothing here imports megatron.
 """
 
 from __future__ import annotations
 
+import datetime
+import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
-__all__ = ["FlatBucket", "buckets"]
-
-_ALIGN = 64  # every tensor starts at a multiple of this many bytes (any dtype can view it)
+__all__ = ["FlatBucket", "WeightUpdateGroup", "buckets", "join_weight_update_group"]
 
 
 @dataclass
 class FlatBucket:
-    """``data`` [nbytes] uint8 holds the tensors of ``entries``: (name, dtype, shape, byte offset)."""
+    """``data`` [nbytes] uint8 holds the tensors of ``names`` / ``dtypes`` / ``shapes`` back to back."""
 
     data: torch.Tensor
-    entries: list[tuple[str, torch.dtype, tuple[int, ...], int]] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    dtypes: list[torch.dtype] = field(default_factory=list)
+    shapes: list[tuple[int, ...]] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
@@ -33,46 +43,142 @@ class FlatBucket:
 
     def tensors(self) -> list[tuple[str, torch.Tensor]]:
         """``(name, tensor)`` views into ``data``."""
-        out = []
-        for name, dtype, shape, offset in self.entries:
-            n = _numel(shape) * _itemsize(dtype)
-            out.append((name, self.data[offset : offset + n].view(dtype).view(shape)))
-        return out
+        return unpack(self.data, self.names, self.dtypes, self.shapes)
+
+    def dtype_names(self) -> list[str]:
+        return [str(d).removeprefix("torch.") for d in self.dtypes]
 
 
-def _numel(shape: tuple[int, ...]) -> int:
+def _numel(shape: Iterable[int]) -> int:
     n = 1
     for s in shape:
         n *= s
     return n
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def _align(n: int) -> int:
-    return -(-n // _ALIGN) * _ALIGN
+def unpack(data: torch.Tensor, names: list[str], dtypes: list[torch.dtype],
+           shapes: list[tuple[int, ...]]) -> list[tuple[str, torch.Tensor]]:
+    """Views of the tensors packed back to back in the uint8 buffer ``data`` (the flattened-bucket layout)."""
+    out, start = [], 0
+    for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
+        n = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+        if start % torch.empty((), dtype=dtype).element_size():
+            raise ValueError(f"flattened bucket: {name} ({dtype}) starts at byte {start}, not a multiple of its "
+                             "element size; put one dtype per bucket.")
+        out.append((name, data[start : start + n].view(dtype).view(shape)))
+        start += n
+    if start != data.numel():
+        raise ValueError(f"flattened bucket: the tensors take {start} bytes but the buffer holds {data.numel()}.")
+    return out
 
 
 def buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[FlatBucket]:
-    """Pack ``(name, tensor)`` pairs, in order, into flat buckets of at most ``bucket_bytes`` bytes (a tensor larger
-    than that is packed alone). Tensors are copied (on their own device) into the bucket's buffer."""
+    """Pack ``(name, tensor)`` pairs, in order, into flat buckets of at most ``bucket_bytes`` bytes and one dtype
+    (a tensor larger than that is packed alone). Tensors are copied, on their device, into the bucket."""
     if bucket_bytes < 1:
         raise ValueError(f"bucket_bytes={bucket_bytes} must be >= 1 (e.g. rollout.update_bucket_mb=512).")
     buffer: torch.Tensor | None = None
-    entries: list[tuple[str, torch.dtype, tuple[int, ...], int]] = []
+    bucket = FlatBucket(torch.empty(0, dtype=torch.uint8))
     used = 0
     for name, tensor in named:
         n = tensor.numel() * tensor.element_size()
-        if buffer is not None and (_align(used) + n > buffer.numel() or buffer.device != tensor.device):
-            yield FlatBucket(buffer[:used], entries)
-            buffer, entries, used = None, [], 0
+        if buffer is not None and (used + n > buffer.numel() or tensor.dtype != bucket.dtypes[0]
+                                   or buffer.device != tensor.device):
+            bucket.data = buffer[:used]
+            yield bucket
+            buffer, bucket, used = None, FlatBucket(torch.empty(0, dtype=torch.uint8)), 0
         if buffer is None:
             buffer = torch.empty(max(bucket_bytes, n), dtype=torch.uint8, device=tensor.device)
-        offset = _align(used)
-        buffer[offset : offset + n].view(tensor.dtype).view(tensor.shape).copy_(tensor)
-        entries.append((name, tensor.dtype, tuple(tensor.shape), offset))
-        used = offset + n
+        buffer[used : used + n].view(tensor.dtype).view(tensor.shape).copy_(tensor)
+        bucket.names.append(name)
+        bucket.dtypes.append(tensor.dtype)
+        bucket.shapes.append(tuple(tensor.shape))
+        used += n
     if buffer is not None:
-        yield FlatBucket(buffer[:used], entries)
+        bucket.data = buffer[:used]
+        yield bucket
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _group(store: Any, rank: int, world_size: int, group_name: str, backend: str,
+           timeout: datetime.timedelta) -> Any:
+    """The process group on ``store`` with torch's key layout for a named group (so that a peer creating it with
+    ``torch.distributed``'s group helper, as SGLang does, meets the same keys)."""
+    device = "cpu" if backend == "gloo" else "cuda"
+    prefixed = dist.PrefixStore(f"{device}/", dist.PrefixStore(f"{group_name}/", dist.PrefixStore(group_name, store)))
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
+    if backend == "nccl":
+        return dist.ProcessGroupNCCL(prefixed, rank, world_size, dist.ProcessGroupNCCL.Options())
+    raise ValueError(f"weight update backend {backend!r} is not one of gloo, nccl.")
+
+
+def _broadcast(pg: Any, tensor: torch.Tensor) -> None:
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    opts.rootTensor = 0
+    pg.broadcast([tensor], opts).wait()
+
+
+class WeightUpdateGroup:
+    """The trainer's end (rank 0) of a weight-update group that ``world_size - 1`` engine ranks join.
+
+    Create it, then ask every engine to join (``/init_weights_update_group``, sent from threads, with
+    :attr:`address`, :attr:`port`, :attr:`name`, :attr:`backend`), then call :meth:`open`, which blocks until they
+    have; then :meth:`broadcast` sends a tensor to every engine rank.
+    """
+
+    def __init__(self, world_size: int, *, name: str, backend: str | None = None, host: str = "127.0.0.1",
+                 timeout_s: float = 600.0) -> None:
+        self.world_size = world_size
+        self.name = name
+        self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        self.address = host
+        self.port = free_port(host)
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        self._store: Any = None
+        self._pg: Any = None
+
+    def open(self) -> None:
+        self._store = dist.TCPStore(self.address, self.port, self.world_size, is_master=True, timeout=self.timeout)
+        self._pg = _group(self._store, 0, self.world_size, self.name, self.backend, self.timeout)
+
+    def broadcast(self, tensor: torch.Tensor) -> None:
+        if self._pg is None:
+            raise RuntimeError("WeightUpdateGroup.broadcast before open().")
+        _broadcast(self._pg, tensor)
+
+    def close(self) -> None:
+        pg, self._pg, self._store = self._pg, None, None
+        if pg is not None and hasattr(pg, "shutdown"):
+            pg.shutdown()
+
+
+class JoinedGroup:
+    """An engine's end of a weight-update group (:func:`join_weight_update_group`)."""
+
+    def __init__(self, store: Any, pg: Any) -> None:
+        self._store, self._pg = store, pg
+
+    def receive(self, tensor: torch.Tensor) -> None:
+        """Fill ``tensor`` with what rank 0 broadcasts."""
+        _broadcast(self._pg, tensor)
+
+    def close(self) -> None:
+        if hasattr(self._pg, "shutdown"):
+            self._pg.shutdown()
+
+
+def join_weight_update_group(*, master_address: str, master_port: int, rank: int, world_size: int,
+                             group_name: str, backend: str, timeout_s: float = 600.0) -> JoinedGroup:
+    """Join the group a trainer's :class:`WeightUpdateGroup` opens (the project's server calls this for
+    ``/init_weights_update_group``)."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(master_address, master_port, world_size, is_master=False, timeout=timeout)
+    return JoinedGroup(store, _group(store, rank, world_size, group_name, backend, timeout))

@@ -48,7 +48,7 @@ def train(config: Any, *, world_size: int = 1, progress: bool | None = None) -> 
     bar = ProgressBar(run.steps, initial_step=rt.start_step, rank=rt.state.rank, enabled=progress, log_every=10)
     phases = PhaseTimer(rt.run_dir, write_status=rt.is_logger)
     try:
-        sync_weights(rt)  # the engine starts from the policy's (possibly resumed) weights
+        sync_weights(rt, rt.start_step)  # the engine starts from the policy's (possibly resumed) weights
         for step in range(rt.start_step, run.steps):
             phases.start_step(step + 1)
             metrics = {"step": step + 1, **rl_step(rt, step, phases)}
@@ -66,6 +66,8 @@ def train(config: Any, *, world_size: int = 1, progress: bool | None = None) -> 
         bar.close()
         if rt.scorer is not None:
             rt.scorer.close()
+        if rt.engine is not None:
+            rt.engine.close()
         if writer is not None:
             writer.close()
     if writer is not None:
@@ -77,21 +79,51 @@ def sample_batch(rt: Runtime, step: int, phases: PhaseTimer) -> tuple[list[Sampl
     """Generate G responses per prompt, score them, compute group advantages (DAPO dynamic sampling
     optional: keep only groups with differing rewards, sample more prompts, at most N rounds).
 
-    The driver rank does the work; every rank gets the result (and the data sampler's position).
+    The driver rank does the work; every rank gets the result (and the data sampler's position). While it
+    works, the driver may ask the others to export the weights for an engine it restarted (``resync``).
     Returns the samples to train on, the step's rollout metrics, and one scored example (for messages)."""
-    box = [(*_sample_on_driver(rt, step, phases), rt.sampler.state_dict()) if rt.engine is not None else None]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
-    assert box[0] is not None
-    samples, stats, example, sampler = box[0]
+    if rt.engine is not None:
+        result = (*_sample_on_driver(rt, step, phases), rt.sampler.state_dict())
+        _announce(("done", result))
+    else:
+        while (message := _announce(None))[0] == "resync":
+            sync_weights(rt, step)  # the driver pushes the current weights to a restarted engine
+        result = message[1]
+    samples, stats, example, sampler = result
     rt.sampler.load_state_dict(sampler)
     return samples, stats, example
+
+
+def _announce(message: Any) -> Any:
+    """The driver's ``message`` on every rank (the driver passes it, the others pass None)."""
+    box = [message]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _resync(rt: Runtime, step: int, engines: list[int]) -> None:
+    """On the driver, when the engine pool restarted ``engines`` mid-rollout: every rank exports the current
+    weights again and the driver pushes them to those engines only."""
+    from nsr_megatron.rollout.pool import EnginePool
+
+    _announce(("resync", None))
+    assert isinstance(rt.engine, EnginePool)
+    rt.engine.update_weights(rt.export.tensors(), version=str(step), engines=engines)
 
 
 def _sample_on_driver(rt: Runtime, step: int, phases: PhaseTimer
                       ) -> tuple[list[Sample], dict[str, float], dict[str, Any]]:
     assert rt.engine is not None and rt.scorer is not None
     cfg, G = rt.config, rt.config.rollout.samples_per_prompt
+    from nsr_megatron.rollout.pool import EnginePool
+
+    pool = rt.engine if isinstance(rt.engine, EnginePool) else None
+    restarts = pool.restarts if pool is not None else 0
+    if pool is not None:
+        pool.resync = lambda engines: _resync(rt, step, engines)
+        with phases("rollout"):
+            pool.healthy_or_recover()
     params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
                             top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, stop_token_ids=rt.stop_token_ids)
     groups: list[tuple[Any, list[Any], torch.Tensor]] = []
@@ -124,6 +156,8 @@ def _sample_on_driver(rt: Runtime, step: int, phases: PhaseTimer
         if len(groups) >= cfg.rollout.prompts_per_step:
             break
     groups = groups[: cfg.rollout.prompts_per_step]
+    if pool is not None:
+        stats["rollout/restarts"] = float(pool.restarts - restarts)
     stats.update({
         "reward/mean": sum(all_rewards) / max(1, len(all_rewards)),
         "response_length/mean": sum(lengths) / max(1, len(lengths)),
@@ -191,7 +225,7 @@ def rl_step(rt: Runtime, step: int, phases: PhaseTimer) -> dict[str, float | Non
             grad_norms.append(grad_norm)
     if grad_norms:  # the weights changed: the engine samples the next step from the new ones
         with phases("weight_sync"):
-            sync_weights(rt)
+            sync_weights(rt, step + 1)
     reduced = actor.reduce_stats(sums)
     loss_stats: dict[str, float | None] = {**_NOT_TRAINED, **summarize_metrics(reduced)} if grad_norms else dict(
         _NOT_TRAINED)
@@ -246,13 +280,19 @@ def _attach_logprobs(rt: Runtime, micro: list[dict[str, torch.Tensor]]) -> None:
             mb["ref_logprobs"] = ref[i]
 
 
-def sync_weights(rt: Runtime) -> None:
-    """Push the policy's weights to the driver's rollout engine as HF-named tensors, streamed: each tensor is
-    gathered only from the ranks that hold it (every rank takes part)."""
+def sync_weights(rt: Runtime, version: int) -> None:
+    """Push the policy's weights to the driver's rollout engine(s) as HF-named tensors, streamed (each tensor is
+    gathered only from the ranks that hold it; every rank takes part), as weight version ``str(version)`` (the
+    number of RL steps the weights have seen)."""
+    from nsr_megatron.rollout.pool import RolloutError
+
     named = rt.export.tensors()
     if rt.engine is None:
         for _ in named:  # this rank sends its shards to the driver
             pass
-    else:
-        rt.engine.update_weights(named)
+        return
+    try:
+        rt.engine.update_weights(named, version=str(version))
+    except RolloutError as exc:  # the pool repairs its engines before the next rollout
+        log.warning("%s", exc)
 

@@ -59,6 +59,7 @@ def preflight(config: Config, *, world_size: int) -> RunInputs:
     hf_dir = _model_dir(config.model)
     arch = arch_from_hf(read_hf_config(hf_dir))
     validate_layout(arch, config.model, config.parallel, world_size)
+    _check_rollout(config)
     resume_from = _resume_point(config, arch)
     if config.checkpoint.load:
         _check_checkpoint(Path(config.checkpoint.load), arch, setting="checkpoint.load")
@@ -162,6 +163,28 @@ def stop_token_ids(hf_dir: str | Path, tokenizer: Any, vocab_size: int) -> tuple
         log.warning("no stop token: neither generation_config.json nor the tokenizer names an EOS token, so every "
                     "response runs to rollout.max_new_tokens.")
     return out
+
+
+def _check_rollout(config: Config) -> None:
+    import shutil
+
+    import torch
+
+    r = config.rollout
+    if r.backend == "sglang" and r.sglang.colocate and not torch.cuda.is_available():
+        raise ConfigError(
+            "rollout.sglang.colocate=true shares the training GPUs with the SGLang engines (memory saver, release and "
+            "resume around training) and needs CUDA; this machine has none. Set rollout.sglang.colocate=false: the "
+            "engines then run beside the trainer (on CPU here).")
+    if r.backend == "sglang" and not r.urls:
+        from nsr_megatron.trainer.runtime import sglang_python
+
+        python = sglang_python(config)
+        if not (Path(python).is_file() or shutil.which(python)):
+            raise ConfigError(
+                f"rollout.backend=sglang launches engines with rollout.sglang.python={python!r}, which does not exist; "
+                "build SGLang's venv with `bash scripts/setup_sglang.sh` and set rollout.sglang.python to the "
+                "python it prints.")
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -273,10 +296,17 @@ def ignored_settings(config: Config) -> list[str]:
     hf = Path(config.model.hf_path) if config.model.hf_path else None
     if config.model.tiny and hf is not None and hf.name != "hf-init":  # hf-init: the model tiny generated
         out.append("model.tiny is ignored: model.hf_path is set (tiny only shapes the generated quickstart model).")
-    if config.rollout.engine == "embedded" and config.rollout.url:
-        out.append("rollout.url is ignored: rollout.engine=embedded (set rollout.engine=http to use a server).")
-    if config.rollout.engine == "http" and changed("rollout", "max_batch_size"):
-        out.append("rollout.max_batch_size is ignored: rollout.engine=http (the server batches on its own).")
+    r = config.rollout
+    if r.backend == "embedded":
+        for key in ("num_engines", "weight_sync", "update_bucket_mb", "max_restarts", "api_token"):
+            if changed("rollout", key):
+                out.append(f"rollout.{key} is ignored: rollout.backend=embedded (one engine in the driver process).")
+    if r.backend != "sglang" and r.sglang != defaults.rollout.sglang:
+        out.append(f"rollout.sglang.* is ignored: rollout.backend={r.backend}.")
+    if r.urls and changed("rollout", "num_engines"):
+        out.append("rollout.num_engines is ignored: rollout.urls names the engines.")
+    if r.backend == "sglang" and changed("rollout", "max_batch_size"):
+        out.append("rollout.max_batch_size is ignored: rollout.backend=sglang (SGLang batches on its own).")
     if not config.algorithm.dynamic_sampling and changed("algorithm", "max_sampling_rounds"):
         out.append("algorithm.max_sampling_rounds is ignored: algorithm.dynamic_sampling=false.")
     if config.model.offload_reference and config.loss.kl_coef == 0:

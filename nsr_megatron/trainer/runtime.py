@@ -73,18 +73,54 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int, sched
     return lr + (min_lr - lr) * progress
 
 
-def _make_engine(config: Config, state: ParallelState) -> RolloutEngine:
-    """The driver rank's rollout engine: in-process, or an HTTP server."""
-    from nsr_megatron.rollout import EmbeddedEngine, HttpEngine
+def _embedded(config: Config, state: ParallelState, run_dir: Path) -> RolloutEngine:
+    from nsr_megatron.rollout import EmbeddedEngine
 
-    if config.rollout.engine == "http":
-        return HttpEngine(config.rollout.url)
     return EmbeddedEngine(
         config.model.hf_path,
         device="cuda" if state.device.type == "cuda" else "cpu",
         dtype=torch.bfloat16 if config.model.params_dtype == "bf16" else torch.float32,
         max_batch_size=config.rollout.max_batch_size,
     )
+
+
+def _pool(config: Config, state: ParallelState, run_dir: Path) -> RolloutEngine:
+    """Engines of the project's rollout server or of SGLang, launched here (or attached to ``rollout.urls``)."""
+    import secrets
+
+    from nsr_megatron.rollout.pool import EnginePool, server_launchers, sglang_launchers
+
+    r = config.rollout
+    token = r.api_token or secrets.token_hex(16)
+    log_dir = run_dir / "engines"
+    launchers = []
+    if not r.urls and r.backend == "server":
+        launchers = server_launchers(config.model.hf_path, r.num_engines, token=token, log_dir=log_dir,
+                                     dtype="bfloat16" if config.model.params_dtype == "bf16" else "float32",
+                                     max_batch_size=r.max_batch_size,
+                                     threads=max(1, (os.cpu_count() or 2) // (r.num_engines + 1)))
+    elif not r.urls:
+        launchers = sglang_launchers(config.model.hf_path, r.num_engines, token=token, log_dir=log_dir,
+                                     python=sglang_python(config), tp_size=r.sglang.tp_size,
+                                     mem_fraction=r.sglang.mem_fraction, base_gpu_id=r.sglang.base_gpu_id,
+                                     colocate=r.sglang.colocate, extra_args=r.sglang.extra_args, env=r.sglang.env)
+    pool = EnginePool(launchers=launchers, urls=r.urls, token=r.api_token if r.urls else token,
+                      weight_sync=r.weight_sync, bucket_bytes=r.update_bucket_mb << 20,
+                      weights_dir=run_dir / "rollout_weights", hf_path=config.model.hf_path,
+                      max_restarts=r.max_restarts, request_timeout_s=r.request_timeout_s)
+    return pool.start()
+
+
+def sglang_python(config: Config) -> str:
+    """The SGLang venv's interpreter: ``rollout.sglang.python``, else ``$NSR_SGLANG_PYTHON``, else
+    ``.venv-sglang/bin/python`` under the working directory when it exists, else ``python3``."""
+    local = Path.cwd() / ".venv-sglang" / "bin" / "python"
+    return (config.rollout.sglang.python or os.environ.get("NSR_SGLANG_PYTHON")
+            or (str(local) if local.exists() else "python3"))
+
+
+# rollout.backend -> the driver rank's engine
+BACKENDS = {"embedded": _embedded, "server": _pool, "sglang": _pool}
 
 
 def _write_resolved_config(config: Config, run_dir: Path) -> None:
@@ -145,7 +181,7 @@ def build_runtime(config: Config, inputs: RunInputs, *, world_size: int) -> Runt
         dataset=inputs.dataset,
         sampler=sampler,
         scorer=RewardScorer(config.reward) if state.rank == 0 else None,
-        engine=_make_engine(config, state) if state.rank == 0 else None,
+        engine=BACKENDS[config.rollout.backend](config, state, run_dir) if state.rank == 0 else None,
         policy=policy,
         export=HFExport(policy.module, arch),
         reference=reference,

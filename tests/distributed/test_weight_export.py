@@ -71,7 +71,7 @@ def _roundtrip_worker(rank: int, world: int, init: str, hf_dir: str, out: str, l
         ckpt = HFCheckpoint(hf_dir)
         report["expected"] = sorted(ckpt.tensors)
         report["different"] = [n for b in got for n, t in b.tensors() if not torch.equal(t, ckpt.read(n).to(t.dtype))]
-        report["oversized"] = [b.nbytes for b in got if len(b.entries) > 1 and b.nbytes > 8 << 10]
+        report["oversized"] = [b.nbytes for b in got if len(b.names) > 1 and b.nbytes > 8 << 10]
         ckpt.close()
     with open(os.path.join(out, f"rank{rank}.json"), "w", encoding="utf-8") as f:
         json.dump(report, f)

@@ -316,7 +316,7 @@ def test_empty_steps_are_steps(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ engines, models
 
-def test_http_engine_trains_like_the_embedded_one(tmp_path: Path) -> None:
+def test_server_backend_attached_by_url_samples_like_the_embedded_engine(tmp_path: Path) -> None:
     common = ["--no-progress", "run.steps=5", "rollout.prompts_per_step=8", "rollout.samples_per_prompt=4"]
     embedded = tmp_path / "embedded"
     _ok(run_cli("quickstart", f"run.run_dir={embedded}", *common))
@@ -328,16 +328,75 @@ def test_http_engine_trains_like_the_embedded_one(tmp_path: Path) -> None:
     try:
         _wait_healthy(f"http://127.0.0.1:{port}")
         http = tmp_path / "http"
-        _ok(run_cli("quickstart", f"run.run_dir={http}", *common, "rollout.engine=http",
-                    f"rollout.url=http://127.0.0.1:{port}", f"model.hf_path={embedded / 'hf-init'}",
+        _ok(run_cli("quickstart", f"run.run_dir={http}", *common, "rollout.backend=server",
+                    f"rollout.urls=[http://127.0.0.1:{port}]", f"model.hf_path={embedded / 'hf-init'}",
                     f"data.path={embedded / 'data' / 'echo.jsonl'}"))
     finally:
         server.terminate()
         server.wait(timeout=30)
     a, b = read_metrics(embedded), read_metrics(http)
-    # The server samples with the same counter-based draws from the weights the trainer pushed to it.
+    # The server samples with the same per-prompt seeds from the weights the trainer pushed to it.
     assert [r["reward/mean"] for r in a] == [r["reward/mean"] for r in b]
     assert [r["grad_norm"] for r in b] == pytest.approx([r["grad_norm"] for r in a], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def embedded_step1(tmp_path_factory: pytest.TempPathFactory) -> float:
+    run_dir = tmp_path_factory.mktemp("embedded1") / "run"
+    _ok(run_cli("quickstart", "--no-progress", f"run.run_dir={run_dir}", "run.steps=1"))
+    return float(read_metrics(run_dir)[0]["reward/mean"])
+
+
+@pytest.mark.parametrize("layout", [["parallel.tp=2", "parallel.sequence_parallel=true"], ["parallel.ep=2"]],
+                         ids=["tp2", "ep2"])
+def test_two_server_engines_under_torchrun_learn(tmp_path: Path, embedded_step1: float, layout: list[str]) -> None:
+    """The shipped quickstart with rollout.backend=server and two engines the trainer launches, under torchrun."""
+    run_dir = tmp_path / "run"
+    _ok(run_cli("quickstart", "--no-progress", f"run.run_dir={run_dir}", "rollout.backend=server",
+                "rollout.num_engines=2", *layout, nproc=2))
+    rows = read_metrics(run_dir)
+    summary = learning_summary([r["reward/mean"] for r in rows])
+    assert summary.learned, summary.line()
+    assert rows[0]["reward/mean"] == embedded_step1  # same weights, same per-prompt seeds, another engine
+    assert all(r["rollout/restarts"] == 0 for r in rows)
+    assert sorted(p.name for p in (run_dir / "engines").iterdir()) == ["engine0.log", "engine1.log"]
+
+
+def _engine_pids(hf_dir: Path) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", f"nsr_megatron.rollout.server --model-path {hf_dir} "], capture_output=True,
+                         text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def test_an_engine_killed_mid_rollout_is_restarted_and_the_run_is_unchanged(tmp_path: Path) -> None:
+    common = ["--no-progress", "run.steps=4", "rollout.prompts_per_step=8", "rollout.samples_per_prompt=4",
+              "rollout.backend=server", "rollout.num_engines=2", "rollout.max_new_tokens=16",
+              "reward.name=tests.e2e.bad_rewards:slow_synthetic"]
+    calm, killed = tmp_path / "calm", tmp_path / "killed"
+    _ok(run_cli("quickstart", f"run.run_dir={calm}", *common))
+    proc = subprocess.Popen(_command(("quickstart", f"run.run_dir={killed}", *common), 1), cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "2"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # the threads of run_cli: the same rounding
+    victim = None
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline and victim is None:
+        status = _status(killed)
+        if status and status["step"] == 3 and status["phase"] == "rollout":
+            pids = _engine_pids(killed / "hf-init")
+            if pids:
+                victim = pids[0]
+                os.kill(victim, signal.SIGKILL)
+        time.sleep(0.001)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-4000:]
+    assert victim is not None, "the run never reached the rollout of step 3"
+    a, b = read_metrics(calm), read_metrics(killed)
+    assert sum(r["rollout/restarts"] for r in b) == 1 and all(r["rollout/restarts"] == 0 for r in a)
+    for ra, rb in zip(a, b, strict=True):
+        for key, value in ra.items():
+            if not key.startswith("timing/") and key != "rollout/restarts":
+                assert rb[key] == value, f"step {ra['step']} {key}: {value} vs {rb[key]} after the engine's restart"
+    assert "restarting it" in err
 
 
 def _wait_healthy(url: str, timeout_s: float = 120.0) -> None:

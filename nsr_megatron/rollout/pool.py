@@ -1,0 +1,411 @@
+"""The rollout tier: several engines behind one driver, launched and supervised by the trainer (or attached to).
+
+An :class:`EnginePool` owns ``num_engines`` engines, each an HTTP server that speaks SGLang's protocol (the
+project's :mod:`~nsr_megatron.rollout.server`, or real SGLang) driven through one
+:class:`~nsr_megatron.rollout.client.HttpEngine` client each:
+
+- **launching**: :class:`EngineLauncher` s build the command lines (:func:`server_launchers`,
+  :func:`sglang_launchers`): free loopback ports, a bearer token, output to ``<log_dir>/engine<k>.log``; the pool
+  waits for ``/health_generate``. With URLs instead (``rollout.urls``) it attaches to running engines.
+- **generation**: the prompts of a call are split into contiguous shares, one per engine, sent at once; prompt i
+  carries its own seed (``sampling_seed``), so with the project's server a sample does not depend on which engine
+  served it. Results come back in prompt order.
+- **weights**: :meth:`EnginePool.update_weights` streams flat buckets either over one weight-update process group
+  that every engine joins (``distributed``: one broadcast per bucket reaches all engines) or through a safetensors
+  folder each engine loads (``disk``). Every update ends with each engine's ``weight_version`` checked.
+- **supervision**: an engine that dies or stops answering is restarted (when the pool launched it), brought to the
+  current weights through ``resync`` (a callback of the trainer, which must export them), and its share of the
+  prompts is sent again, so a step never trains on partial groups. Restarts are counted (:attr:`restarts`); past
+  ``max_restarts`` the pool raises :class:`RolloutError`.
+
+Nothing here imports megatron.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nsr_megatron.rollout.client import EngineError, EngineUnreachable, HttpEngine
+from nsr_megatron.rollout.engine import Generation, SamplingParams, prompt_seeds
+from nsr_megatron.rollout.weight_sync import FlatBucket, WeightUpdateGroup, buckets, free_port
+
+__all__ = ["EngineLauncher", "EnginePool", "RolloutError", "server_launchers", "sglang_launchers"]
+
+log = logging.getLogger(__name__)
+
+
+class RolloutError(RuntimeError):
+    """The rollout tier cannot go on (an engine failed more often than ``max_restarts``); the message says why."""
+
+
+@dataclass
+class EngineLauncher:
+    """How to start one engine: ``command`` (with the port already in it), its environment and log file."""
+
+    command: list[str]
+    url: str
+    env: dict[str, str] = field(default_factory=dict)
+    log_path: Path | None = None
+    tp_size: int = 1  # engine ranks that join a weight-update group
+    startup_timeout_s: float = 600.0
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, **self.env}
+        if self.log_path is None:
+            self.process = subprocess.Popen(self.command, env=env, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+            return
+        with open(self.log_path, "ab") as out:  # the child keeps its own descriptor
+            self.process = subprocess.Popen(self.command, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        proc, self.process = self.process, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            _signal_group(proc, signal.SIGTERM)
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait(timeout_s)
+        else:
+            _signal_group(proc, signal.SIGKILL)  # its children (SGLang's scheduler) may outlive it
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def server_launchers(hf_path: str, num_engines: int, *, token: str, log_dir: Path, dtype: str = "float32",
+                     max_batch_size: int = 256, threads: int | None = None) -> list[EngineLauncher]:
+    """Launchers of ``num_engines`` processes of the project's rollout server on loopback."""
+    out = []
+    for k in range(num_engines):
+        port = free_port()
+        env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
+        out.append(EngineLauncher(
+            command=[sys.executable, "-m", "nsr_megatron.rollout.server", "--model-path", hf_path, "--host",
+                     "127.0.0.1", "--port", str(port), "--api-key", token, "--dtype", dtype, "--max-batch-size",
+                     str(max_batch_size)],
+            url=f"http://127.0.0.1:{port}", env=env, log_path=log_dir / f"engine{k}.log", startup_timeout_s=300.0))
+    return out
+
+
+def sglang_launchers(hf_path: str, num_engines: int, *, token: str, log_dir: Path, python: str, tp_size: int = 1,
+                     mem_fraction: float = 0.8, base_gpu_id: int = 0, colocate: bool = False,
+                     extra_args: Sequence[str] = (), env: dict[str, str] | None = None) -> list[EngineLauncher]:
+    """Launchers of ``num_engines`` SGLang servers (``python -m sglang.launch_server``) on loopback. Without CUDA
+    they run SGLang's CPU engine (``--device cpu``, torch-native attention, a small fixed memory pool)."""
+    cpu = not torch.cuda.is_available()
+    out = []
+    for k in range(num_engines):
+        port = free_port()
+        cmd = [python, "-m", "sglang.launch_server", "--model-path", hf_path, "--host", "127.0.0.1", "--port",
+               str(port), "--api-key", token, "--skip-tokenizer-init", "--tp-size", str(tp_size)]
+        engine_env = dict(env or {})
+        if cpu:
+            cmd += ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
+                    "--disable-overlap-schedule", "--mem-fraction-static", "0.05", "--max-total-tokens", "4096",
+                    "--dtype", "bfloat16"]
+            engine_env["SGLANG_USE_CPU_ENGINE"] = "1"
+        else:
+            cmd += ["--mem-fraction-static", str(mem_fraction), "--base-gpu-id", str(base_gpu_id + k * tp_size)]
+            if colocate:
+                cmd += ["--enable-memory-saver"]
+        out.append(EngineLauncher(command=cmd + list(extra_args), url=f"http://127.0.0.1:{port}", env=engine_env,
+                                  log_path=log_dir / f"engine{k}.log", tp_size=tp_size))
+    return out
+
+
+class EnginePool:
+    """A :class:`~nsr_megatron.rollout.engine.RolloutEngine` over several HTTP engines (module docstring).
+
+    Args:
+        launchers: engines to start and supervise; or ``urls`` of running engines (never restarted).
+        token: the engines' bearer token.
+        weight_sync: ``distributed`` or ``disk``.
+        bucket_bytes: flat bucket size of a weight update.
+        weights_dir: where ``disk`` updates (and restarted engines' resyncs) write safetensors folders.
+        hf_path: the model folder whose ``config.json`` goes with the written weights.
+        max_restarts: engine restarts allowed over the pool's life.
+        request_timeout_s: per-request time limit.
+    """
+
+    def __init__(self, *, launchers: Sequence[EngineLauncher] = (), urls: Sequence[str] = (), token: str | None,
+                 weight_sync: str = "distributed", bucket_bytes: int = 512 << 20, weights_dir: Path,
+                 hf_path: str, max_restarts: int = 3, request_timeout_s: float = 600.0) -> None:
+        if bool(launchers) == bool(urls):
+            raise ValueError("EnginePool needs either launchers (engines it starts) or urls (running engines).")
+        self.launchers = list(launchers)
+        urls = [lch.url for lch in self.launchers] if self.launchers else list(urls)
+        self.clients = [HttpEngine(u, api_token=token, timeout_s=request_timeout_s) for u in urls]
+        self.tp_sizes = [lch.tp_size for lch in self.launchers] if self.launchers else [1] * len(urls)
+        self.weight_sync = weight_sync
+        self.bucket_bytes = bucket_bytes
+        self.weights_dir = Path(weights_dir)
+        self.hf_path = hf_path
+        self.max_restarts = max_restarts
+        self.restarts = 0
+        self.version = ""
+        self.resync: Callable[[list[int]], None] | None = None  # set by the trainer: push current weights to these
+        self._stale: set[int] = set()  # engines whose weights a failed update left behind
+        self._group: WeightUpdateGroup | None = None
+        self._group_gen = 0
+
+    # -------------------------------------------------------------------------------------------- life cycle
+    def start(self) -> EnginePool:
+        for launcher in self.launchers:
+            if launcher.log_path is not None:
+                launcher.log_path.parent.mkdir(parents=True, exist_ok=True)
+            launcher.start()
+        for k, client in enumerate(self.clients):
+            self._wait(k, client)
+        log.info("rollout: %d engine(s) ready: %s", len(self.clients), ", ".join(c.base_url for c in self.clients))
+        return self
+
+    def _wait(self, k: int, client: HttpEngine) -> None:
+        launcher = self.launchers[k] if self.launchers else None
+        try:
+            client.wait_healthy(launcher.startup_timeout_s if launcher else 120.0,
+                                alive=launcher.alive if launcher else None)
+        except EngineUnreachable as exc:
+            where = f"; its log: {launcher.log_path}" if launcher and launcher.log_path else ""
+            raise RolloutError(f"rollout engine {k} did not start: {exc}{where}") from None
+
+    def flush_cache(self) -> None:
+        for client in self.clients:
+            client.flush_cache()
+
+    def close(self) -> None:
+        """Stop the engines this pool launched (attached ones keep running)."""
+        group, self._group = self._group, None
+        if group is not None:
+            group.close()
+        for launcher in self.launchers:
+            launcher.stop()
+
+    # -------------------------------------------------------------------------------------------- generation
+    def generate(self, prompts: list[list[int]], params: SamplingParams, *, n: int = 1, seed: int = 0,
+                 seeds: Sequence[int] | None = None) -> list[list[Generation]]:
+        keyed = list(seeds) if seeds is not None else prompt_seeds(seed, len(prompts))
+        shares = _shares(len(prompts), len(self.clients))
+        results: list[list[Generation] | None] = [None] * len(prompts)
+        pending = [(k, lo, hi) for k, (lo, hi) in enumerate(shares) if hi > lo]
+        while pending:
+            failed: list[tuple[int, int, int]] = []
+            with ThreadPoolExecutor(len(pending)) as pool:
+                futures = {pool.submit(self.clients[k].generate, prompts[lo:hi], params, n=n, seeds=keyed[lo:hi]):
+                           (k, lo, hi) for k, lo, hi in pending}
+            for future, (k, lo, hi) in futures.items():
+                try:
+                    results[lo:hi] = future.result()
+                except EngineError as exc:
+                    log.warning("rollout engine %d failed on %d prompts (%s); restarting it.", k, hi - lo, exc)
+                    failed.append((k, lo, hi))
+            for k in sorted({k for k, _, _ in failed}):
+                self._recover(k)
+            pending = failed  # the whole share again: no partial groups
+        return [r for r in results if r is not None]
+
+    def _recover(self, k: int) -> None:
+        """Restart engine ``k`` (or, attached, wait for it), then bring it to the current weights."""
+        self.restarts += 1
+        if self.restarts > self.max_restarts:
+            raise RolloutError(
+                f"rollout engine {k} ({self.clients[k].base_url}) failed again after {self.max_restarts} restarts "
+                f"(rollout.max_restarts); see its log{f' {self.launchers[k].log_path}' if self.launchers else ''}.")
+        if self.launchers:
+            self.launchers[k].stop()
+            self.launchers[k].start()
+        self._wait(k, self.clients[k])
+        group = self._group
+        self._drop_group(restarted=k)  # the engine left the weight-update group: all join a new one next time
+        if group is not None:
+            group.close()
+        if self.version and self.resync is not None:
+            self.resync([k])
+
+    def healthy_or_recover(self) -> None:
+        """Before a rollout: restart any engine whose process died or that fails its health check, and bring
+        engines a failed update left behind to the current weights."""
+        for k, client in enumerate(self.clients):
+            dead = bool(self.launchers) and not self.launchers[k].alive()
+            if dead or not client.healthy():
+                log.warning("rollout engine %d (%s) is %s; restarting it.", k, client.base_url,
+                            "dead" if dead else "not healthy")
+                self._recover(k)
+                self._stale.discard(k)
+        if self._stale and self.resync is not None:
+            stale, self._stale = sorted(self._stale), set()
+            self.resync(stale)
+
+    # -------------------------------------------------------------------------------------------- weights
+    def update_weights(self, named: Iterable[tuple[str, torch.Tensor]], version: str = "",
+                       engines: Sequence[int] | None = None) -> int:
+        """Push ``named`` (HF names, full tensors) to ``engines`` (default: all) and set their weight version;
+        returns the number of tensors. Restarted engines get their resync through the disk path."""
+        targets = list(range(len(self.clients))) if engines is None else list(engines)
+        self.version = version or str(int(self.version or "0") + 1)
+        stream = iter(named)
+        try:
+            if self.weight_sync == "disk" or engines is not None:
+                count = self._push_disk(stream, targets)
+            else:
+                count = self._push_distributed(stream, targets)
+        except (EngineError, RuntimeError) as exc:
+            for _ in stream:  # the producer's other ranks are still sending: let them finish
+                pass
+            self._drop_group()
+            self._stale.update(targets)
+            raise RolloutError(f"the weight update to version {self.version} failed ({exc}); the engines are brought "
+                               "to the current weights before the next rollout.") from exc
+        for k in targets:
+            got = self.clients[k].weight_version()
+            if got != self.version:
+                raise RolloutError(f"rollout engine {k} reports weight_version {got!r} after the update to "
+                                   f"{self.version!r}.")
+        return count
+
+    def _drop_group(self, restarted: int | None = None) -> None:
+        """Forget the weight-update group (the engines that still hold it leave it too): the next distributed
+        update builds a new one that every engine joins."""
+        if self._group is None:
+            return
+        name, self._group = self._group.name, None
+        for k, client in enumerate(self.clients):
+            if k != restarted:
+                try:
+                    client.destroy_weights_update_group(name)
+                except EngineError as exc:
+                    log.warning("rollout engine %d did not leave weight group %s: %s", k, name, exc)
+
+    def _ensure_group(self) -> WeightUpdateGroup:
+        if self._group is not None:
+            return self._group
+        self._group_gen += 1
+        world = 1 + sum(self.tp_sizes)
+        group = WeightUpdateGroup(world, name=f"nsr_weights_{os.getpid()}_{self._group_gen}")
+        offsets = [1 + sum(self.tp_sizes[:k]) for k in range(len(self.clients))]
+        calls = [partial(c.init_weights_update_group, master_address=group.address, master_port=group.port,
+                         rank_offset=off, world_size=world, group_name=group.name, backend=group.backend)
+                 for c, off in zip(self.clients, offsets, strict=True)]
+        _with_requests(calls, group.open)
+        self._group = group
+        return group
+
+    def _push_distributed(self, named: Iterable[tuple[str, torch.Tensor]], targets: list[int]) -> int:
+        group = self._ensure_group()
+        clients = [self.clients[k] for k in targets]
+        for c in clients:
+            c.begin_weight_update()
+        count = 0
+        try:
+            for bucket in buckets(named, self.bucket_bytes):
+                calls = [partial(c.update_weights_from_distributed, names=bucket.names, dtypes=bucket.dtype_names(),
+                                 shapes=[list(s) for s in bucket.shapes], group_name=group.name,
+                                 weight_version=self.version, flattened=True) for c in clients]
+                _with_requests(calls, partial(group.broadcast, bucket.data))
+                count += len(bucket.names)
+        finally:
+            for c in clients:
+                c.end_weight_update()
+        for c in clients:
+            c.flush_cache()
+        return count
+
+    def _push_disk(self, named: Iterable[tuple[str, torch.Tensor]], targets: list[int]) -> int:
+        folder, count = _write_safetensors_folder(buckets(named, self.bucket_bytes), self.weights_dir, self.version,
+                                                  self.hf_path)
+        for k in targets:
+            self.clients[k].update_weights_from_disk(str(folder), self.version)
+        for old in self.weights_dir.glob("v*"):
+            if old != folder:
+                shutil.rmtree(old, ignore_errors=True)
+        return count
+
+
+def _shares(count: int, engines: int) -> list[tuple[int, int]]:
+    """Contiguous, nearly equal ``[lo, hi)`` shares of ``count`` prompts over ``engines``."""
+    size, extra = divmod(count, engines)
+    out, lo = [], 0
+    for k in range(engines):
+        hi = lo + size + (1 if k < extra else 0)
+        out.append((lo, hi))
+        lo = hi
+    return out
+
+
+def _with_requests(calls: Sequence[Callable[[], Any]], work: Callable[[], Any]) -> None:
+    """Run ``calls`` (HTTP requests that block until ``work`` is done on this side, like a collective) in threads
+    while ``work`` runs here; raise the first request error. A request that fails before ``work`` finishes would
+    leave ``work`` waiting, so each call's failure is checked as soon as ``work`` returns."""
+    errors: list[BaseException] = []
+
+    def run(call: Callable[[], Any]) -> None:
+        try:
+            call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(c,), daemon=True) for c in calls]
+    for t in threads:
+        t.start()
+    time.sleep(0)  # let the requests leave first
+    work()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def _write_safetensors_folder(bucketed: Iterable[FlatBucket], root: Path, version: str, hf_path: str
+                              ) -> tuple[Path, int]:
+    """Write the buckets as an HF safetensors folder ``<root>/v<version>`` (one shard per bucket, an index, the
+    model's config files), atomically: a temporary folder renamed into place. Returns (folder, tensor count)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from nsr_megatron.convert.io import copy_hf_side_files
+
+    final, tmp = root / f"v{version}", root / f".tmp-v{version}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, bucket in enumerate(bucketed):
+        name = f"model-{i + 1:05d}.safetensors"
+        save_file({n: t.contiguous().cpu() for n, t in bucket.tensors()}, str(tmp / name))
+        weight_map.update(dict.fromkeys(bucket.names, name))
+        total += bucket.nbytes
+    with open(tmp / "model.safetensors.index.json", "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+    copy_hf_side_files(Path(hf_path), tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final, len(weight_map)
