@@ -228,10 +228,35 @@ def test_resume_under_another_layout_reshards(tmp_path: Path) -> None:
 @pytest.mark.parametrize("layout", [["parallel.tp=2", "parallel.sequence_parallel=true"], ["parallel.ep=2"],
                                     ["parallel.pp=2"]], ids=["tp2", "ep2", "pp2"])
 def test_torchrun_layouts_match_single_process(tmp_path: Path, layout: list[str]) -> None:
+    """Each layout trains like one process, and the project's server it pushes to (over a gloo weight group)
+    then holds exactly ``mcore-to-hf`` of the checkpoint the run saved, bitwise."""
+    from nsr_megatron.convert import mcore_to_hf
+    from nsr_megatron.rollout import HttpEngine
+    from tests.e2e.test_engine_pool import checksum, hf_tensors
+
     common = ["--no-progress", "run.steps=2", "rollout.prompts_per_step=8", "rollout.samples_per_prompt=4"]
     single, multi = tmp_path / "single", tmp_path / "multi"
     _ok(run_cli("quickstart", f"run.run_dir={single}", *common))
-    _ok(run_cli("quickstart", f"run.run_dir={multi}", *common, *layout, nproc=2))
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "nsr_megatron.rollout.server", "--model-path",
+                               str(single / "hf-init"), "--port", str(port)], cwd=ROOT,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(url)
+        _ok(run_cli("quickstart", f"run.run_dir={multi}", *common, *layout, "rollout.backend=server",
+                    f"rollout.urls=[{url}]", f"model.hf_path={single / 'hf-init'}",
+                    f"data.path={single / 'data' / 'echo.jsonl'}", nproc=2))
+        engine = HttpEngine(url)
+        assert engine.weight_version() == "2"
+        converted = mcore_to_hf(multi / "checkpoints" / "step_00000002", tmp_path / "converted", progress=False)
+        want = {name: checksum(t) for name, t in hf_tensors(converted)}
+        got = engine.weights_checksums()
+        assert {n: got[n] for n in want} == want
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
     a, b = read_metrics(single), read_metrics(multi)
     assert len(a) == len(b) == 2
     # Step 1 starts from identical weights and draws identical samples: everything matches to rounding.
