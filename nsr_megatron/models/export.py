@@ -99,12 +99,14 @@ class WeightExporter:
 
     def export(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(canonical key, full tensor)`` on rank 0, in ``order``; other ranks yield nothing but must run
-        the iterator to its end (they send their shards). A yielded tensor may be a view of rank 0's own
-        parameter: copy it before the next optimizer step if it must outlive it."""
+        the iterator to its end (they send their shards). A yielded tensor is valid until the next one is produced
+        (it lives in a scratch buffer reused for every tensor, or is a view of rank 0's own parameter): copy what
+        must outlive it."""
         local = self._local()
         if self._plan is None:
             self._plan = self._build_plan(local)
         rank = dist.get_rank()
+        self._scratch: torch.Tensor | None = None
         for entry in self._plan:
             if rank == 0:
                 yield entry.key, self._receive(entry, local.get(entry.key, []))
@@ -116,7 +118,7 @@ class WeightExporter:
     def _receive(self, e: _Entry, mine: list[tuple[Chunk, torch.Tensor]]) -> torch.Tensor:
         if list(e.holders) == [0] and len(mine) == 1 and mine[0][0][1] == e.shape:
             return mine[0][1].detach().reshape(e.shape)  # rank 0 holds the whole tensor
-        full = torch.empty(e.shape, dtype=e.dtype, device=self._device())
+        full = self._buffer(e)
         for chunk, data in mine:
             full[_index(chunk)] = data.reshape(chunk[1])
         for r, chunks in sorted(e.holders.items()):
@@ -134,6 +136,14 @@ class WeightExporter:
                 full[_index(chunk)] = got[start : start + n].view(chunk[1])
                 start += n
         return full
+
+    def _buffer(self, e: _Entry) -> torch.Tensor:
+        """A tensor of ``e``'s shape in the scratch buffer (grown to the largest tensor; its pages stay mapped)."""
+        nbytes = _numel(e.shape) * torch.empty((), dtype=e.dtype).element_size()
+        if self._scratch is None or self._scratch.numel() < nbytes:
+            largest = max(_numel(x.shape) * torch.empty((), dtype=x.dtype).element_size() for x in self._plan or [e])
+            self._scratch = torch.empty(largest, dtype=torch.uint8, device=self._device())
+        return self._scratch[:nbytes].view(e.dtype).view(e.shape)
 
     @staticmethod
     def _device() -> torch.device:

@@ -114,6 +114,7 @@ class RolloutServer:
         self._resumed.set()
         self._session = False
         self._groups: dict[str, JoinedGroup] = {}
+        self._inbox: torch.Tensor | None = None  # receive buffer of flattened buckets
         self._thread: threading.Thread | None = None
         self.httpd = ThreadingHTTPServer((host, port), _make_handler(self))
         self.httpd.daemon_threads = True
@@ -252,7 +253,9 @@ class RolloutServer:
         if f.get("load_format") == "flattened_bucket":
             total = sum(_numel(s) * torch.empty((), dtype=d).element_size() for d, s in zip(dtypes, shapes,
                                                                                               strict=True))
-            flat = torch.empty(total, dtype=torch.uint8)
+            if self._inbox is None or self._inbox.numel() < total:  # kept between buckets: its pages stay mapped
+                self._inbox = torch.empty(total, dtype=torch.uint8)
+            flat = self._inbox[:total]
             group.receive(flat)
             pairs = unpack(flat, names, dtypes, shapes)
         elif f.get("load_format") is None:

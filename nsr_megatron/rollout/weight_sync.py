@@ -74,9 +74,23 @@ def unpack(data: torch.Tensor, names: list[str], dtypes: list[torch.dtype],
 
 def buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[FlatBucket]:
     """Pack ``(name, tensor)`` pairs, in order, into flat buckets of at most ``bucket_bytes`` bytes and one dtype
-    (a tensor larger than that is packed alone). Tensors are copied, on their device, into the bucket."""
+    (a tensor larger than that is packed alone). Tensors are copied, on their device, into the bucket.
+
+    Two buffers take turns (their pages stay mapped, which matters more than the copy itself): a yielded bucket
+    stays valid until the one after it has been yielded too, so consume each bucket before asking for the next
+    but one."""
     if bucket_bytes < 1:
         raise ValueError(f"bucket_bytes={bucket_bytes} must be >= 1 (e.g. rollout.update_bucket_mb=512).")
+    spare: list[torch.Tensor] = []  # buffers free to fill again
+
+    def take(n: int, device: torch.device) -> torch.Tensor:
+        while spare:
+            got = spare.pop()
+            if got.numel() >= n and got.device == device:
+                return got
+        return torch.empty(max(bucket_bytes, n), dtype=torch.uint8, device=device)
+
+    held: list[torch.Tensor] = []  # the buffers of the last two yielded buckets
     buffer: torch.Tensor | None = None
     bucket = FlatBucket(torch.empty(0, dtype=torch.uint8))
     used = 0
@@ -86,9 +100,12 @@ def buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Ite
                                    or buffer.device != tensor.device):
             bucket.data = buffer[:used]
             yield bucket
+            held.append(buffer)
+            if len(held) > 1:
+                spare.append(held.pop(0))
             buffer, bucket, used = None, FlatBucket(torch.empty(0, dtype=torch.uint8)), 0
         if buffer is None:
-            buffer = torch.empty(max(bucket_bytes, n), dtype=torch.uint8, device=tensor.device)
+            buffer = take(n, tensor.device)
         buffer[used : used + n].view(tensor.dtype).view(tensor.shape).copy_(tensor)
         bucket.names.append(name)
         bucket.dtypes.append(tensor.dtype)
