@@ -248,15 +248,16 @@ class RolloutConfig:
     ``num_engines`` processes of the project's rollout server, launched and supervised by the trainer (the
     multi-engine path that runs on CPU); ``sglang`` launches SGLang engines the same way. With ``urls`` the trainer
     attaches to engines that are already running instead (server or SGLang). Weights reach the engines through
-    ``weight_sync``: ``distributed`` (a broadcast over a process group the engines join) or ``disk`` (a
-    safetensors folder the engines load), in buckets of ``update_bucket_mb``.
+    ``weight_sync``: ``distributed`` (a broadcast over a process group the engines join), ``disk`` (a
+    safetensors folder the engines load) or ``tensor`` (CUDA IPC handles, for SGLang engines colocated on the
+    training GPUs), in buckets of ``update_bucket_mb``.
     """
 
     backend: Literal["embedded", "server", "sglang"] = "embedded"
     num_engines: int = 1
     urls: list[str] = field(default_factory=list)
     api_token: str = ""  # bearer token of the engines' weight endpoints (default: a fresh one per run)
-    weight_sync: Literal["distributed", "disk"] = "distributed"
+    weight_sync: Literal["distributed", "disk", "tensor"] = "distributed"
     update_bucket_mb: int = 512
     max_restarts: int = 3  # engine restarts allowed over the run before it stops
     request_timeout_s: float = 600.0

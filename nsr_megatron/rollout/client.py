@@ -174,6 +174,33 @@ class HttpEngine:
         self._weights("/update_weights_from_disk",
                       {"model_path": model_path, "weight_version": weight_version, "flush_cache": True})
 
+    def update_weights_from_tensor(self, bucket: Any, weight_version: str, *, tp_size: int = 1) -> None:
+        """Colocated CUDA engines: hand a flat bucket over as CUDA IPC handles (SGLang's
+        ``MultiprocessingSerializer`` and ``FlattenedTensorBucket``, so sglang must be importable here: the ``gpu``
+        extra). One serialized copy per engine TP rank. Not for CPU tensors or the project's server."""
+        try:
+            from sglang.srt.utils import MultiprocessingSerializer  # type: ignore[import-not-found]
+            from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket  # type: ignore[import-not-found]
+        except ImportError as exc:
+            raise EngineError("the colocated tensor update needs sglang in the trainer's environment (pip install "
+                              "'nsr-megatron[gpu]'); use rollout.weight_sync=distributed otherwise.") from exc
+        if not bucket.data.is_cuda:
+            raise EngineError("the colocated tensor update sends CUDA IPC handles; these tensors are on the CPU.")
+        flat = FlattenedTensorBucket(named_tensors=bucket.tensors())
+        payload = {"flattened_tensor": flat.get_flattened_tensor(), "metadata": flat.get_metadata()}
+        serialized = MultiprocessingSerializer.serialize(payload, output_str=True)
+        self._weights("/update_weights_from_tensor", {
+            "serialized_named_tensors": [serialized] * tp_size, "load_format": "flattened_bucket",
+            "flush_cache": False, "weight_version": weight_version})
+
+    def release_memory(self, tags: list[str] | None = None) -> None:
+        """``/release_memory_occupation``: a colocated engine frees its GPU memory (weights, KV cache) for training."""
+        self._json("POST", "/release_memory_occupation", {"tags": tags})
+
+    def resume_memory(self, tags: list[str] | None = None) -> None:
+        """``/resume_memory_occupation``: take the released memory back (``["weights"]`` first, then the rest)."""
+        self._json("POST", "/resume_memory_occupation", {"tags": tags})
+
     def weights_checksums(self) -> dict[str, str]:
         """``POST /weights_checker {"action": "checksum"}``: parameter name -> 16-hex digit checksum (of the first
         engine rank; SGLang names its own, fused parameters)."""

@@ -157,7 +157,8 @@ class EnginePool:
 
     def __init__(self, *, launchers: Sequence[EngineLauncher] = (), urls: Sequence[str] = (), token: str | None,
                  weight_sync: str = "distributed", bucket_bytes: int = 512 << 20, weights_dir: Path,
-                 hf_path: str, max_restarts: int = 3, request_timeout_s: float = 600.0) -> None:
+                 hf_path: str, max_restarts: int = 3, request_timeout_s: float = 600.0,
+                 colocate: bool = False) -> None:
         if bool(launchers) == bool(urls):
             raise ValueError("EnginePool needs either launchers (engines it starts) or urls (running engines).")
         self.launchers = list(launchers)
@@ -169,6 +170,8 @@ class EnginePool:
         self.weights_dir = Path(weights_dir)
         self.hf_path = hf_path
         self.max_restarts = max_restarts
+        self.colocate = colocate  # the engines share the training GPUs: release their memory while training
+        self._released: set[str] = set()
         self.restarts = 0
         self.version = ""
         self.resync: Callable[[list[int]], None] | None = None  # set by the trainer: push current weights to these
@@ -199,6 +202,21 @@ class EnginePool:
     def flush_cache(self) -> None:
         for client in self.clients:
             client.flush_cache()
+
+    def release_memory(self) -> None:
+        """Colocated engines give their GPU memory (weights and KV cache) back to training."""
+        for client in self.clients:
+            client.release_memory(None)
+        self._released = {"weights", "kv_cache"}
+
+    def resume_memory(self, tags: list[str]) -> None:
+        """Colocated engines take released memory back: ``["weights"]`` before a weight update, ``["kv_cache"]``
+        after it (a tag that was not released is skipped)."""
+        wanted = [t for t in tags if t in self._released]
+        if wanted:
+            for client in self.clients:
+                client.resume_memory(wanted)
+            self._released -= set(wanted)
 
     def close(self) -> None:
         """Stop the engines this pool launched (attached ones keep running)."""
@@ -274,6 +292,8 @@ class EnginePool:
         try:
             if self.weight_sync == "disk" or engines is not None:
                 count = self._push_disk(stream, targets)
+            elif self.weight_sync == "tensor":
+                count = self._push_tensors(stream, targets)
             else:
                 count = self._push_distributed(stream, targets)
         except (EngineError, RuntimeError) as exc:
@@ -335,6 +355,22 @@ class EnginePool:
                 c.end_weight_update()
         for c in clients:
             c.flush_cache()
+        return count
+
+    def _push_tensors(self, named: Iterable[tuple[str, torch.Tensor]], targets: list[int]) -> int:
+        """Colocated CUDA engines: each bucket travels as CUDA IPC handles (``/update_weights_from_tensor``)."""
+        clients = [self.clients[k] for k in targets]
+        for c in clients:
+            c.begin_weight_update()
+        count = 0
+        try:
+            for bucket in buckets(named, self.bucket_bytes):
+                for k, c in zip(targets, clients, strict=True):
+                    c.update_weights_from_tensor(bucket, self.version, tp_size=self.tp_sizes[k])
+                count += len(bucket.names)
+        finally:
+            for c in clients:
+                c.end_weight_update()
         return count
 
     def _push_disk(self, named: Iterable[tuple[str, torch.Tensor]], targets: list[int]) -> int:

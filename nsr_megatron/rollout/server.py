@@ -449,6 +449,9 @@ def _make_handler(server: RolloutServer) -> type[BaseHTTPRequestHandler]:
         "/update_weights_from_disk": server.update_from_disk,
         "/update_weight_version": server.update_version,
         "/weights_checker": lambda body: server.checksums(),
+        # Colocated memory release: nothing to release on a CPU engine; answered as SGLang does.
+        "/release_memory_occupation": lambda body: {"success": True, "message": "Success"},
+        "/resume_memory_occupation": lambda body: {"success": True, "message": "Success"},
         "/get_weights_by_name": server.weights_by_name,
     }
     gets = {"/model_info": server.model_info, "/get_model_info": server.model_info, "/server_info": server.server_info}

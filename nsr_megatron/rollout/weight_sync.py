@@ -96,7 +96,7 @@ def buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Ite
     used = 0
     for name, tensor in named:
         n = tensor.numel() * tensor.element_size()
-        if buffer is not None and (used + n > buffer.numel() or tensor.dtype != bucket.dtypes[0]
+        if buffer is not None and (used + n > max(bucket_bytes, used) or tensor.dtype != bucket.dtypes[0]
                                    or buffer.device != tensor.device):
             bucket.data = buffer[:used]
             yield bucket

@@ -181,6 +181,8 @@ def rl_step(rt: Runtime, step: int, phases: PhaseTimer) -> dict[str, float | Non
     cfg = rt.config
     samples, metrics, example = sample_batch(rt, step, phases)
     _watch_learning_signal(rt, step, metrics, example)
+    if _colocated(rt):  # engines on the training GPUs give their memory to training until the weight sync
+        rt.engine.release_memory()  # type: ignore[union-attr]
     # Every data-parallel rank needs a sample for each optimizer step, or the ranks would disagree on the steps.
     steps_here = min(cfg.algorithm.mini_batches, len(samples) // rt.state.dp_size)
     if steps_here == 0:
@@ -291,8 +293,19 @@ def sync_weights(rt: Runtime, version: int) -> None:
         for _ in named:  # this rank sends its shards to the driver
             pass
         return
+    colocated = _colocated(rt)
+    if colocated:
+        rt.engine.resume_memory(["weights"])  # type: ignore[attr-defined]
     try:
         rt.engine.update_weights(named, version=str(version))
     except RolloutError as exc:  # the pool repairs its engines before the next rollout
         log.warning("%s", exc)
+    if colocated:
+        rt.engine.resume_memory(["kv_cache"])  # type: ignore[attr-defined]
+
+
+def _colocated(rt: Runtime) -> bool:
+    from nsr_megatron.rollout.pool import EnginePool
+
+    return isinstance(rt.engine, EnginePool) and rt.engine.colocate
 

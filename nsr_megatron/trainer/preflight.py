@@ -176,6 +176,11 @@ def _check_rollout(config: Config) -> None:
             "rollout.sglang.colocate=true shares the training GPUs with the SGLang engines (memory saver, release and "
             "resume around training) and needs CUDA; this machine has none. Set rollout.sglang.colocate=false: the "
             "engines then run beside the trainer (on CPU here).")
+    if r.weight_sync == "tensor" and not (r.backend == "sglang" and r.sglang.colocate and torch.cuda.is_available()):
+        raise ConfigError(
+            "rollout.weight_sync=tensor hands weights to SGLang engines on the same GPUs as CUDA IPC handles: it "
+            "needs rollout.backend=sglang, rollout.sglang.colocate=true and CUDA; use rollout.weight_sync=distributed "
+            "(or disk) otherwise.")
     if r.backend == "sglang" and not r.urls:
         from nsr_megatron.trainer.runtime import sglang_python
 

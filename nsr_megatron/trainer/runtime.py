@@ -107,7 +107,8 @@ def _pool(config: Config, state: ParallelState, run_dir: Path) -> RolloutEngine:
     pool = EnginePool(launchers=launchers, urls=r.urls, token=r.api_token if r.urls else token,
                       weight_sync=r.weight_sync, bucket_bytes=r.update_bucket_mb << 20,
                       weights_dir=run_dir / "rollout_weights", hf_path=config.model.hf_path,
-                      max_restarts=r.max_restarts, request_timeout_s=r.request_timeout_s)
+                      max_restarts=r.max_restarts, request_timeout_s=r.request_timeout_s,
+                      colocate=r.backend == "sglang" and r.sglang.colocate)
     return pool.start()
 
 

@@ -61,17 +61,21 @@ def _roundtrip_worker(rank: int, world: int, init: str, hf_dir: str, out: str, l
                                                      "all_gather_into_tensor", "reduce_scatter_tensor", "barrier")}
     for name in saved:
         setattr(dist, name, forbidden)
+    ckpt = HFCheckpoint(hf_dir)
+    report: dict[str, Any] = {"buckets": 0, "names": [], "different": [], "oversized": [],
+                              "expected": sorted(ckpt.tensors)}
     try:
-        got = [bucket for bucket in buckets(export.tensors(), bucket_bytes=8 << 10)]
+        for bucket in buckets(export.tensors(), bucket_bytes=8 << 10):  # each checked before the next is packed
+            report["buckets"] += 1
+            for name, t in bucket.tensors():
+                report["names"].append(name)
+                if not torch.equal(t, ckpt.read(name).to(t.dtype)):
+                    report["different"].append(name)
+            if len(bucket.names) > 1 and bucket.nbytes > 8 << 10:
+                report["oversized"].append(bucket.nbytes)
     finally:
         for name, fn in saved.items():
             setattr(dist, name, fn)
-    report: dict[str, Any] = {"buckets": len(got), "names": [n for b in got for n, _ in b.tensors()]}
-    if rank == 0:
-        ckpt = HFCheckpoint(hf_dir)
-        report["expected"] = sorted(ckpt.tensors)
-        report["different"] = [n for b in got for n, t in b.tensors() if not torch.equal(t, ckpt.read(n).to(t.dtype))]
-        report["oversized"] = [b.nbytes for b in got if len(b.names) > 1 and b.nbytes > 8 << 10]
         ckpt.close()
     with open(os.path.join(out, f"rank{rank}.json"), "w", encoding="utf-8") as f:
         json.dump(report, f)

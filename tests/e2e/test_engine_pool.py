@@ -200,3 +200,20 @@ def test_contract_errors(served: tuple[str, str]) -> None:
     assert call(url, "/update_weight_version", {"new_version": "5"}, token)[1]["new_version"] == "5"
     assert call(url, "/model_info", token=token)[1]["weight_version"] == "5"
     assert call(url, "/flush_cache", {}, token) == (200, "Cache flushed.\n")
+
+
+def test_colocated_memory_release_and_resume_requests(pool: EnginePool) -> None:
+    """The colocated path's requests (SGLang's /release_memory_occupation and /resume_memory_occupation; the
+    project's server answers them as no-ops): resume only takes back what was released."""
+    sent: list[tuple[str, Any]] = []
+    for client in pool.clients:
+        for name in ("release_memory", "resume_memory"):
+            original = getattr(client, name)
+            setattr(client, name, lambda tags, _n=name, _o=original: (sent.append((_n, tags)), _o(tags)))
+    pool.resume_memory(["weights"])
+    assert sent == []  # nothing was released
+    pool.release_memory()
+    pool.resume_memory(["weights"])
+    pool.resume_memory(["weights", "kv_cache"])
+    assert sent == [("release_memory", None)] * 2 + [("resume_memory", ["weights"])] * 2 + \
+        [("resume_memory", ["kv_cache"])] * 2

@@ -186,11 +186,24 @@ def test_validate_checks_a_cluster_layout_from_a_workstation(model: Path, data: 
 def test_settings_that_do_nothing_are_named(model: Path, data: Path, tmp_path: Path,
                                             caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
-        assert main(["validate", *base(model, data, tmp_path / "r", "rollout.url=http://127.0.0.1:1",
+        assert main(["validate", *base(model, data, tmp_path / "r", "rollout.num_engines=2",
                                        "algorithm.max_sampling_rounds=5", "model.offload_reference=true")]) == 0
-    assert "rollout.url is ignored: rollout.engine=embedded" in caplog.text
+    assert "rollout.num_engines is ignored: rollout.backend=embedded" in caplog.text
     assert "algorithm.max_sampling_rounds is ignored: algorithm.dynamic_sampling=false" in caplog.text
     assert "model.offload_reference is ignored: loss.kl_coef=0" in caplog.text
+
+
+def test_rollout_settings_that_need_a_gpu_or_a_venv_are_refused(model: Path, data: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "r"
+    msg = refused(capsys, *base(model, data, run, "rollout.backend=sglang", "rollout.sglang.colocate=true"))
+    assert "rollout.sglang.colocate=true shares the training GPUs" in msg and "needs CUDA" in msg
+    msg = refused(capsys, *base(model, data, run, "rollout.backend=server", "rollout.weight_sync=tensor"))
+    assert "rollout.weight_sync=tensor" in msg and "use rollout.weight_sync=distributed" in msg
+    msg = refused(capsys, *base(model, data, run, "rollout.backend=sglang", "rollout.sglang.python=/no/such/python"))
+    assert "rollout.sglang.python='/no/such/python', which does not exist" in msg and "setup_sglang.sh" in msg
+    code, err = run_main(capsys, "validate", *base(model, data, run, "rollout.engine=http"))
+    assert code == 2 and "Choose the engines with rollout.backend" in err
 
 
 def test_removed_and_misspelled_keys(capsys: pytest.CaptureFixture[str]) -> None:
