@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,3 +45,27 @@ def write_jsonl(path: Path, rows: list[Any]) -> Path:
 
 def echo_rows(n: int) -> list[dict[str, str]]:
     return [{"prompt": f"{i % 10}=", "answer": str(i % 10)} for i in range(n)]
+
+
+@contextmanager
+def project_server(hf_dir: Path, *, port: int) -> Iterator[str]:
+    """A process of the project's rollout server on ``hf_dir`` at 127.0.0.1:``port``, healthy; yields its URL."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "nsr_megatron.rollout.server", "--model-path", str(hf_dir),
+                             "--port", str(port)], cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise TimeoutError(f"{url} did not become healthy") from None
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -338,38 +338,42 @@ class EnginePool:
         return group
 
     def _push_distributed(self, named: Iterable[tuple[str, torch.Tensor]], targets: list[int]) -> int:
+        """One broadcast per flat bucket over the weight-update group, while every engine's request waits for it."""
         group = self._ensure_group()
-        clients = [self.clients[k] for k in targets]
-        for c in clients:
-            c.begin_weight_update()
-        count = 0
-        try:
-            for bucket in buckets(named, self.bucket_bytes):
-                calls = [partial(c.update_weights_from_distributed, names=bucket.names, dtypes=bucket.dtype_names(),
-                                 shapes=[list(s) for s in bucket.shapes], group_name=group.name,
-                                 weight_version=self.version, flattened=True) for c in clients]
-                _with_requests(calls, partial(group.broadcast, bucket.data))
-                count += len(bucket.names)
-        finally:
-            for c in clients:
-                c.end_weight_update()
-        for c in clients:
-            c.flush_cache()
+
+        def push(bucket: FlatBucket, clients: list[tuple[int, HttpEngine]]) -> None:
+            calls = [partial(c.update_weights_from_distributed, names=bucket.names, dtypes=bucket.dtype_names(),
+                             shapes=[list(s) for s in bucket.shapes], group_name=group.name,
+                             weight_version=self.version, flattened=True) for _, c in clients]
+            _with_requests(calls, partial(group.broadcast, bucket.data))
+
+        count = self._in_session(named, targets, push)
+        for k in targets:
+            self.clients[k].flush_cache()
         return count
 
     def _push_tensors(self, named: Iterable[tuple[str, torch.Tensor]], targets: list[int]) -> int:
         """Colocated CUDA engines: each bucket travels as CUDA IPC handles (``/update_weights_from_tensor``)."""
-        clients = [self.clients[k] for k in targets]
-        for c in clients:
+
+        def push(bucket: FlatBucket, clients: list[tuple[int, HttpEngine]]) -> None:
+            for k, c in clients:
+                c.update_weights_from_tensor(bucket, self.version, tp_size=self.tp_sizes[k])
+
+        return self._in_session(named, targets, push)
+
+    def _in_session(self, named: Iterable[tuple[str, torch.Tensor]], targets: list[int],
+                    push: Callable[[FlatBucket, list[tuple[int, HttpEngine]]], None]) -> int:
+        """``push`` every bucket to the target engines between ``/begin_weight_update`` and ``/end_weight_update``."""
+        clients = [(k, self.clients[k]) for k in targets]
+        for _, c in clients:
             c.begin_weight_update()
         count = 0
         try:
             for bucket in buckets(named, self.bucket_bytes):
-                for k, c in zip(targets, clients, strict=True):
-                    c.update_weights_from_tensor(bucket, self.version, tp_size=self.tp_sizes[k])
+                push(bucket, clients)
                 count += len(bucket.names)
         finally:
-            for c in clients:
+            for _, c in clients:
                 c.end_weight_update()
         return count
 

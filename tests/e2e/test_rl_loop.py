@@ -10,13 +10,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
 from nsr_megatron.telemetry.summary import learning_summary
+from tests.helpers import project_server
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -237,14 +237,7 @@ def test_torchrun_layouts_match_single_process(tmp_path: Path, layout: list[str]
     common = ["--no-progress", "run.steps=2", "rollout.prompts_per_step=8", "rollout.samples_per_prompt=4"]
     single, multi = tmp_path / "single", tmp_path / "multi"
     _ok(run_cli("quickstart", f"run.run_dir={single}", *common))
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "nsr_megatron.rollout.server", "--model-path",
-                               str(single / "hf-init"), "--port", str(port)], cwd=ROOT,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        _wait_healthy(url)
+    with project_server(single / "hf-init", port=_free_port()) as url:
         _ok(run_cli("quickstart", f"run.run_dir={multi}", *common, *layout, "rollout.backend=server",
                     f"rollout.urls=[{url}]", f"model.hf_path={single / 'hf-init'}",
                     f"data.path={single / 'data' / 'echo.jsonl'}", nproc=2))
@@ -254,9 +247,6 @@ def test_torchrun_layouts_match_single_process(tmp_path: Path, layout: list[str]
         want = {name: checksum(t) for name, t in hf_tensors(converted)}
         got = engine.weights_checksums()
         assert {n: got[n] for n in want} == want
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     a, b = read_metrics(single), read_metrics(multi)
     assert len(a) == len(b) == 2
     # Step 1 starts from identical weights and draws identical samples: everything matches to rounding.
@@ -345,20 +335,10 @@ def test_server_backend_attached_by_url_samples_like_the_embedded_engine(tmp_pat
     common = ["--no-progress", "run.steps=5", "rollout.prompts_per_step=8", "rollout.samples_per_prompt=4"]
     embedded = tmp_path / "embedded"
     _ok(run_cli("quickstart", f"run.run_dir={embedded}", *common))
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "nsr_megatron.rollout.server", "--model-path",
-                               str(embedded / "hf-init"), "--port", str(port)], cwd=ROOT,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    try:
-        _wait_healthy(f"http://127.0.0.1:{port}")
-        http = tmp_path / "http"
-        _ok(run_cli("quickstart", f"run.run_dir={http}", *common, "rollout.backend=server",
-                    f"rollout.urls=[http://127.0.0.1:{port}]", f"model.hf_path={embedded / 'hf-init'}",
-                    f"data.path={embedded / 'data' / 'echo.jsonl'}"))
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    http = tmp_path / "http"
+    with project_server(embedded / "hf-init", port=_free_port()) as url:
+        _ok(run_cli("quickstart", f"run.run_dir={http}", *common, "rollout.backend=server", f"rollout.urls=[{url}]",
+                    f"model.hf_path={embedded / 'hf-init'}", f"data.path={embedded / 'data' / 'echo.jsonl'}"))
     a, b = read_metrics(embedded), read_metrics(http)
     # The server samples with the same per-prompt seeds from the weights the trainer pushed to it.
     assert [r["reward/mean"] for r in a] == [r["reward/mean"] for r in b]
@@ -422,17 +402,6 @@ def test_an_engine_killed_mid_rollout_is_restarted_and_the_run_is_unchanged(tmp_
             if not key.startswith("timing/") and key != "rollout/restarts":
                 assert rb[key] == value, f"step {ra['step']} {key}: {value} vs {rb[key]} after the engine's restart"
     assert "restarting it" in err
-
-
-def _wait_healthy(url: str, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError(f"{url} did not become healthy within {timeout_s} s")
 
 
 def test_dense_tied_qwen2_trains(tmp_path: Path) -> None:
