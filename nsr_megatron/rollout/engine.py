@@ -2,8 +2,8 @@
 
 A rollout call takes P prompts (token ids) and returns, for each prompt, ``n`` sampled continuations with the
 log-probability of every sampled token. The trainer only talks to :class:`RolloutEngine`, so the in-process
-:class:`~nsr_megatron.rollout.embedded.EmbeddedEngine`, its HTTP client
-:class:`~nsr_megatron.rollout.server.HttpEngine` and an SGLang server are interchangeable.
+:class:`~nsr_megatron.rollout.embedded.EmbeddedEngine` and a pool of HTTP engines
+(:class:`~nsr_megatron.rollout.pool.EnginePool`: the project's server or SGLang) are interchangeable.
 
 Log-probability convention (what ``Generation.response_logprobs`` holds)::
 
