@@ -6,6 +6,8 @@ Subcommands:
   smoke       build a tiny MoE policy and train it a few steps on random tokens, printing throughput
   validate    check a config and its inputs (model, tokenizer, data, reward, checkpoints, layout) without training
   plot        draw a run's plots, or compare runs
+  profile     a few steps under torch.profiler with the MoE routing profiler; writes a trace and a report
+  report      render a run's report (report.md: summary, plots, routing)
 
 Every subcommand also runs under ``torchrun`` (any TP / PP / EP the world size allows).
 """
@@ -231,6 +233,48 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    """A few RL steps under ``torch.profiler`` (named ranges per phase, NVTX on CUDA) with the routing profiler on
+    (MoE models); writes the trace, the routing data and ``report.md`` into ``--out``."""
+    import torch
+
+    from nsr_megatron import parallel
+    from nsr_megatron.models.hf_config import arch_from_hf
+    from nsr_megatron.telemetry.report import write_report
+    from nsr_megatron.trainer.loop import train
+
+    config: Config = load_config(args.config, args.overrides)
+    out = Path(args.out or f"{config.run.run_dir.rstrip('/')}-profile")
+    config.run.run_dir, config.run.steps = str(out), args.steps
+    config.checkpoint.resume, config.checkpoint.save_interval = "", 0
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out {out} is not empty; profile into a new folder (pass --out).")
+    config = prepare_quickstart(config, task=args.task, num_prompts=args.num_prompts) if (
+        not config.model.hf_path or not config.data.path) else config
+    if config.profile.routing == "off" and arch_from_hf(read_hf_config(config.model.hf_path)).is_moe:
+        config.profile.routing = "full"
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    handler = torch.profiler.tensorboard_trace_handler(str(out / "trace"), worker_name=f"rank{_rank()}")
+    try:
+        with torch.profiler.profile(activities=activities, on_trace_ready=handler):
+            rt = train(config, world_size=_world_size(), progress=False, annotate=True)
+    finally:
+        parallel.destroy()
+    if rt.is_logger:
+        print(f"profile: {args.steps} steps in {out}; report {write_report(out)}", flush=True)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from nsr_megatron.telemetry.report import write_report
+
+    if not (Path(args.run_dir) / "metrics.jsonl").is_file():
+        raise ConfigError(f"report: {args.run_dir} has no metrics.jsonl; pass the run.run_dir of a run.")
+    print(f"report: wrote {write_report(args.run_dir)}")
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from nsr_megatron.telemetry import plot_reward_comparison, plot_run
 
@@ -289,6 +333,18 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--smooth", type=int, default=0,
                       help="moving-average window in steps (default: a tenth of the run, at most 10)")
     plot.set_defaults(func=cmd_plot, config=None)
+
+    prof = sub.add_parser("profile", help="a few RL steps under torch.profiler, with the MoE routing report")
+    add_config_args(prof, str(CONFIGS_DIR / "quickstart.yaml"))
+    prof.add_argument("--steps", type=int, default=3, help="RL steps to profile (default: %(default)s)")
+    prof.add_argument("--out", default="", help="output folder (default: <run.run_dir>-profile)")
+    prof.add_argument("--task", default="echo", help="quickstart task when the config names no data")
+    prof.add_argument("--num-prompts", type=int, default=1024, help=argparse.SUPPRESS)
+    prof.set_defaults(func=cmd_profile)
+
+    report = sub.add_parser("report", help="render a run's report (plots, summary, routing) as report.md")
+    report.add_argument("run_dir", help="the run.run_dir of a run")
+    report.set_defaults(func=cmd_report, config=None)
 
     validate = sub.add_parser("validate", help="check a config and every input it names; build nothing")
     add_config_args(validate, None)

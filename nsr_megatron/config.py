@@ -36,6 +36,7 @@ __all__ = [
     "ModelConfig",
     "OptimizerConfig",
     "ParallelConfig",
+    "ProfileConfig",
     "RunConfig",
     "SmokeBatchConfig",
     "SmokeConfig",
@@ -311,6 +312,20 @@ class AlgorithmConfig:
         )
 
 
+@dataclass(kw_only=True)
+class ProfileConfig:
+    """What the run measures beyond its metrics.
+
+    ``routing``: the MoE routing profiler. ``off`` (default) installs nothing, so it costs nothing; ``counters``
+    adds the ``routing/*`` scalars (expert load imbalance, router entropy and top-k margin, routing drift between
+    the old-log-prob and training forwards, and between rollout and training); ``full`` also writes per-step,
+    per-layer, per-expert counts to ``<run_dir>/routing.jsonl`` (with the experts of the tokens the loss clipped,
+    rescued or saw in the rescue band) and draws the routing plots.
+    """
+
+    routing: Literal["off", "counters", "full"] = "off"
+
+
 def _default_data() -> DataConfig:
     return DataConfig()
 
@@ -329,6 +344,7 @@ class Config:
     loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
 
 @dataclass(kw_only=True)

@@ -406,6 +406,7 @@ def policy_loss(
     ref_logprobs: Tensor | None = None,
     rollout_logprobs: Tensor | None = None,
     entropy: Tensor | None = None,
+    masks: dict[str, Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The policy loss of ``cfg`` on one micro-batch and its statistics as sums (module docstring).
 
@@ -423,6 +424,8 @@ def policy_loss(
             sequences (forward only); None when every rank holds whole sequences.
         ref_logprobs: [B, T] reference log-probs for the KL penalty / metric. ``rollout_logprobs``: [B, T]
             the rollout engine's log-probs for TIS / MIS. ``entropy``: [B, T] per-token entropy (metric).
+        masks: a dict to fill with per-token bool masks [B, T]: ``clipped`` (hard clipping would drop the token),
+            ``band`` (clipped, within the rescue band: p > 0) and ``rescued`` (rescued by the stochastic draw).
 
     Returns:
         ``(loss, sums)``: the scalar loss share and a dict of float64 scalar sums/counts to all-reduce
@@ -490,11 +493,13 @@ def policy_loss(
 
     if cfg.surrogate == "cispo":
         rho = rv.clamp(lo, hi) * torch.where(valid, logprobs.to(dtype), 0.0)  # [B, T] sg(clip(r)) * logp
+        if masks is not None:  # CISPO clamps the weight but drops no token: nothing is in a band or rescued
+            masks.update(clipped=clipped.clone(), band=torch.zeros_like(clipped), rescued=torch.zeros_like(clipped))
     else:
         value = torch.where(clipped, rv.clamp(lo, hi), rv)  # [B, T] v
         weight = (~clipped).to(dtype)  # [B, T] w
         _rescue(
-            cfg, value, weight, rv, upper, clipped, adv, tis, inv_len, sample_ids, step, token_index, sums
+            cfg, value, weight, rv, upper, clipped, adv, tis, inv_len, sample_ids, step, token_index, sums, masks
         )
         if cfg.dual_clip is not None:
             dual = valid & (adv < 0) & (rv > cfg.dual_clip)  # [B, T]
@@ -560,6 +565,7 @@ def _rescue(
     step: int | None,
     token_index: Tensor | None,
     sums: dict[str, Tensor],
+    masks: dict[str, Tensor] | None = None,
 ) -> None:
     """NSR on the K clipped tokens (gathered): set their value ``v`` and gradient weight ``w`` [B, T] in
     place, and record the band / rescue / gradient-mass sums (the band statistics also without rescue)."""
@@ -609,6 +615,13 @@ def _rescue(
     if cfg.ratio_level != "token":
         sums["seq/rescue/upper_sum"] = (rescued_k * up_k * seq_w).sum()
         sums["seq/rescue/lower_sum"] = (rescued_k * ~up_k * seq_w).sum()
+    if masks is not None:
+        masks["clipped"] = clipped.clone()
+        stochastic = cfg.rescue == "stochastic"
+        for name, chosen in (("band", band_k), ("rescued", rescued_k > 0 if stochastic else torch.zeros_like(band_k))):
+            m = torch.zeros_like(clipped)
+            m[rows[chosen], cols[chosen]] = True
+            masks[name] = m
 
 
 def _ratio_stats(

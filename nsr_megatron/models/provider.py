@@ -110,6 +110,7 @@ class ModelBundle:
     module: Any  # megatron DDP-wrapped GPTModel (policy) or bare GPTModel (reference)
     optimizer: Any = None  # megatron MegatronOptimizer
     offload: bool = False  # reference only: keep the weights in host memory between uses
+    routing: Any = None  # the routing profiler on this model's routers (profile.routing), or None
     _host: list[tuple[torch.nn.Parameter, torch.Tensor]] = field(default_factory=list, repr=False)
 
     @property

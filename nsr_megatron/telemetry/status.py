@@ -10,6 +10,7 @@ phase) always reads a whole file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -35,15 +36,17 @@ class PhaseTimer:
     """Times the named phases of each step (``timing/<phase>``, summed when a phase repeats within a step, as
     rollout and rewards do under dynamic sampling) and records the phase in progress in ``status.json``."""
 
-    def __init__(self, run_dir: str | Path, *, write_status: bool) -> None:
+    def __init__(self, run_dir: str | Path, *, write_status: bool, annotate: bool = False) -> None:
         self.path = Path(run_dir) / STATUS_FILE
         self.write_status = write_status
+        self.annotate = annotate  # named ranges for torch.profiler (and NVTX on CUDA, for nsys)
         self.step = 0
         self.seconds: dict[str, float] = {}
+        self._began = time.perf_counter()
 
     def start_step(self, step: int) -> None:
         """Begin step ``step`` (1-based): the timings start from zero."""
-        self.step, self.seconds = step, {}
+        self.step, self.seconds, self._began = step, {}, time.perf_counter()
 
     def mark(self, phase: str) -> None:
         """Record that ``phase`` of the current step has begun."""
@@ -58,11 +61,30 @@ class PhaseTimer:
     def __call__(self, phase: str) -> Iterator[None]:
         self.mark(phase)
         start = time.perf_counter()
+        ranges = _ranges(f"nsr/{phase}") if self.annotate else contextlib.nullcontext()
         try:
-            yield
+            with ranges:
+                yield
         finally:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
     def timings(self) -> dict[str, float]:
-        """``{"timing/<phase>": seconds}`` of the current step."""
-        return {f"timing/{k}": v for k, v in self.seconds.items()}
+        """``{"timing/<phase>": seconds}`` of the current step, and ``timing/step`` (the whole step so far)."""
+        return {**{f"timing/{k}": v for k, v in self.seconds.items()},
+                "timing/step": time.perf_counter() - self._began}
+
+
+@contextmanager
+def _ranges(name: str) -> Iterator[None]:
+    """A ``torch.profiler.record_function`` range, and an NVTX range on CUDA (``nsys`` shows those)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.nvtx.range_push(name)
+    try:
+        with torch.profiler.record_function(name):
+            yield
+    finally:
+        if cuda:
+            torch.cuda.nvtx.range_pop()

@@ -6,6 +6,7 @@ Legend: B micro-batch size, S sequence length, V vocabulary (V/tp on each tensor
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -56,8 +57,11 @@ def forward_backward(
     loss_fn: LossFn,
     *,
     forward_only: bool = False,
+    phase: str = "train",
 ) -> list[dict[str, torch.Tensor]]:
     """Run every micro-batch through megatron-core's ``forward_backward_func`` (any PP size).
+
+    ``phase`` names the pass for the model's routing profiler, when it has one (``old`` or ``train``).
 
     Returns the metrics dicts that ``loss_fn`` produced, on the last pipeline stage (empty elsewhere).
     The schedule divides each micro-batch loss by ``len(micro_batches)`` and megatron DDP averages
@@ -78,7 +82,11 @@ def forward_backward(
         position_ids = batch.get("position_ids")
         if position_ids is None:
             position_ids = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
-        output = model(tokens, position_ids, None)  # [B, S, V/tp] on the last stage
+        profiler = bundle.routing
+        watch = (profiler.micro_batch(int(batch["mb_key"]), phase, batch) if profiler is not None
+                 and "mb_key" in batch else contextlib.nullcontext())
+        with watch:
+            output = model(tokens, position_ids, None)  # [B, S, V/tp] on the last stage
 
         def loss_func(output_tensor: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             loss, metrics = loss_fn(output_tensor, batch)
@@ -176,7 +184,7 @@ def _forward_only(
     bundle.module.eval()
     try:
         with torch.no_grad():
-            forward_backward(bundle, micro_batches, capture, forward_only=True)
+            forward_backward(bundle, micro_batches, capture, forward_only=True, phase="old")
     finally:
         bundle.module.train(was_training)
     return captured if mpu.is_pipeline_last_stage() else None
@@ -217,18 +225,22 @@ def policy_loss_fn(
     global_num_tokens: torch.Tensor,
     global_num_seqs: torch.Tensor,
     scale: float,
+    masks_out: dict[int, dict[str, torch.Tensor]] | None = None,
 ) -> LossFn:
     """The RL loss on one micro-batch, normalised by the step's global denominators.
 
     megatron's schedule divides each micro-batch loss by the number of micro-batches and DDP averages
     gradients over data-parallel ranks; ``scale`` (= micro-batches x data-parallel size) undoes both, so
     the gradient is exactly that of the global loss (LOSSES.md, "Aggregation and normalisation").
+    With ``masks_out``, each micro-batch's per-token band / clipped / rescued masks are stored there under its
+    ``mb_key`` (for the routing profiler).
     """
     from nsr_megatron.losses import policy_loss, vocab_parallel_logprobs_entropy
 
     group = _tp_group()
 
     def fn(logits: torch.Tensor, batch: MicroBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        masks: dict[str, torch.Tensor] | None = {} if masks_out is not None else None
         lp, entropy = vocab_parallel_logprobs_entropy(  # [B, T] each
             logits[:, :-1], batch["targets"], group=group, temperature=temperature
         )
@@ -246,7 +258,10 @@ def policy_loss_fn(
             ref_logprobs=batch.get("ref_logprobs"),
             rollout_logprobs=batch.get("rollout_logprobs"),
             entropy=entropy.detach(),
+            masks=masks,
         )
+        if masks_out is not None and masks is not None:
+            masks_out[int(batch["mb_key"])] = {k: v.cpu() for k, v in masks.items()}
         # Masked tokens whose log-probs (current, old, reference or rollout) are NaN / inf: train_step skips.
         nonfinite = torch.zeros(lp.shape, dtype=torch.bool, device=lp.device)
         for x in (lp.detach(), batch["old_logprobs"], batch.get("ref_logprobs"), batch.get("rollout_logprobs")):
@@ -285,3 +300,16 @@ def reduce_stats(per_micro: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         for k, v in d.items():
             total[k] = total.get(k, 0.0) + v
     return total
+
+
+def from_last_stage(obj: Any) -> Any:
+    """``obj`` of the last pipeline stage on every stage of this rank's pipeline group (as is without PP)."""
+    from megatron.core import parallel_state as mpu
+
+    if mpu.get_pipeline_model_parallel_world_size() == 1:
+        return obj
+    group = mpu.get_pipeline_model_parallel_group()
+    box = [obj if mpu.is_pipeline_last_stage() else None]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, mpu.get_pipeline_model_parallel_world_size() - 1),
+                               group=group)
+    return box[0]

@@ -57,7 +57,7 @@ def pack_micro_batches(
     the budget gets a micro-batch of its own. Returns dicts of:
       tokens [B, S] int64, targets [B, T] int64, mask [B, T] float32 (1 on response targets),
       token_index [B, T] int64 (position in the response), rollout_logprobs [B, T] float32,
-      advantages [B] float32, sample_ids [B] int64.
+      advantages [B] float32, sample_ids [B] int64, valid [B, S] bool (the real tokens: prompt and response).
     """
     if not samples:
         return []
@@ -72,9 +72,11 @@ def pack_micro_batches(
         mask = torch.zeros(B, S - 1)  # [B, T]
         token_index = torch.zeros(B, S - 1, dtype=torch.int64)  # [B, T]
         rollout_lp = torch.zeros(B, S - 1)  # [B, T]
+        valid = torch.zeros(B, S, dtype=torch.bool)  # [B, S]
         for i, s in enumerate(group):
             p, r = len(s.prompt_ids), len(s.response_ids)
             tokens[i, : p + r] = torch.tensor(s.prompt_ids + s.response_ids, dtype=torch.int64)
+            valid[i, : p + r] = True
             # Target position t predicts token t + 1: the response occupies targets [p - 1, p - 1 + r).
             mask[i, p - 1 : p - 1 + r] = 1.0
             token_index[i, p - 1 : p - 1 + r] = torch.arange(r)
@@ -88,6 +90,7 @@ def pack_micro_batches(
                 "rollout_logprobs": rollout_lp,
                 "advantages": torch.tensor([s.advantage for s in group], dtype=torch.float32),
                 "sample_ids": torch.tensor([s.uid for s in group], dtype=torch.int64),
+                "valid": valid,
             }
         )
     return batches

@@ -32,9 +32,10 @@ _NOT_TRAINED = dict.fromkeys(("loss", "grad_norm", "clip_frac", "clip_frac/upper
                               "entropy", "kl_old"))
 
 
-def train(config: Any, *, world_size: int = 1, progress: bool | None = None) -> Runtime:
+def train(config: Any, *, world_size: int = 1, progress: bool | None = None, annotate: bool = False) -> Runtime:
     """Check every input, then run ``config.run.steps`` RL steps (resuming when asked), logging, checkpointing
-    and plotting. Raises ``ConfigError`` before any process group exists when an input is wrong."""
+    and plotting. Raises ``ConfigError`` before any process group exists when an input is wrong. ``annotate``
+    marks each phase as a named profiler range (``nsr-megatron profile``)."""
     from nsr_megatron.telemetry import MetricsWriter, ProgressBar, plot_run
     from nsr_megatron.trainer.checkpoint import save_checkpoint
     from nsr_megatron.trainer.preflight import preflight
@@ -46,7 +47,7 @@ def train(config: Any, *, world_size: int = 1, progress: bool | None = None) -> 
     writer = MetricsWriter(rt.run_dir, resume_step=rt.start_step if rt.resumed else None,
                            overwrite=not rt.resumed) if rt.is_logger else None
     bar = ProgressBar(run.steps, initial_step=rt.start_step, rank=rt.state.rank, enabled=progress, log_every=10)
-    phases = PhaseTimer(rt.run_dir, write_status=rt.is_logger)
+    phases = PhaseTimer(rt.run_dir, write_status=rt.is_logger, annotate=annotate)
     try:
         sync_weights(rt, rt.start_step)  # the engine starts from the policy's (possibly resumed) weights
         for step in range(rt.start_step, run.steps):
@@ -64,6 +65,8 @@ def train(config: Any, *, world_size: int = 1, progress: bool | None = None) -> 
         phases.mark("done")
     finally:
         bar.close()
+        if rt.routing_log is not None:
+            rt.routing_log.close()
         if rt.scorer is not None:
             rt.scorer.close()
         if rt.engine is not None:
@@ -72,6 +75,10 @@ def train(config: Any, *, world_size: int = 1, progress: bool | None = None) -> 
             writer.close()
     if writer is not None:
         plot_run(rt.run_dir)
+        if rt.routing_log is not None:
+            from nsr_megatron.telemetry.routing_plots import plot_routing
+
+            plot_routing(rt.run_dir)
     return rt
 
 
@@ -200,11 +207,15 @@ def rl_step(rt: Runtime, step: int, phases: PhaseTimer) -> dict[str, float | Non
     # them are computed before the first optimizer step of this RL step.
     with phases("logprobs"):
         batches = [pack_micro_batches(mini, **pack) for mini in mini_batches(mine, steps_here)]
-        for micro in batches:
+        for k, micro in enumerate(batches):
+            for j, mb in enumerate(micro):
+                mb["mb_key"] = torch.tensor(k * 1_000_000 + j)  # names the micro-batch for the routing profiler
             _attach_logprobs(rt, micro)
     sums: list[dict[str, torch.Tensor]] = []
     grad_norms: list[float] = []
     lr = 0.0
+    profiler = rt.policy.routing
+    masks: dict[int, dict[str, torch.Tensor]] | None = {} if profiler is not None and profiler.full else None
     with phases("train"):
         for k, micro in enumerate(batches):
             den = global_sums([loss_denominators(cfg.loss, mb["mask"], old_logprobs=mb["old_logprobs"],
@@ -212,7 +223,7 @@ def rl_step(rt: Runtime, step: int, phases: PhaseTimer) -> dict[str, float | Non
                               [actor.data_parallel_group()])
             loss_fn = actor.policy_loss_fn(cfg.loss, step=step, temperature=cfg.rollout.temperature,
                                            global_num_tokens=den["tokens"], global_num_seqs=den["seqs"],
-                                           scale=float(len(micro) * rt.state.dp_size))
+                                           scale=float(len(micro) * rt.state.dp_size), masks_out=masks)
             opt_step = step * cfg.algorithm.mini_batches + k
             lr = lr_at(opt_step, lr=cfg.optimizer.lr, min_lr=cfg.optimizer.min_lr, warmup=cfg.optimizer.warmup_steps,
                        total=cfg.run.steps * cfg.algorithm.mini_batches, schedule=cfg.optimizer.lr_schedule)
@@ -228,13 +239,30 @@ def rl_step(rt: Runtime, step: int, phases: PhaseTimer) -> dict[str, float | Non
     if grad_norms:  # the weights changed: the engine samples the next step from the new ones
         with phases("weight_sync"):
             sync_weights(rt, step + 1)
+    routing = _routing_step(rt, step, batches, masks) if profiler is not None else {}
     reduced = actor.reduce_stats(sums)
     loss_stats: dict[str, float | None] = {**_NOT_TRAINED, **summarize_metrics(reduced)} if grad_norms else dict(
         _NOT_TRAINED)
     if grad_norms:
         loss_stats["loss"] = reduced.get("loss_sum", 0.0) / len(grad_norms)  # mean over optimizer steps
         loss_stats["grad_norm"] = max(grad_norms)
-    return {**metrics, **loss_stats, "lr": lr, **_counters(rt), **phases.timings()}
+    return {**metrics, **loss_stats, "lr": lr, **routing, **_counters(rt), **phases.timings()}
+
+
+def _routing_step(rt: Runtime, step: int, batches: list[list[dict[str, torch.Tensor]]],
+                  masks: dict[int, dict[str, torch.Tensor]] | None) -> dict[str, float]:
+    """The step's routing statistics (every rank takes part); in ``full`` mode also a line of routing.jsonl."""
+    from nsr_megatron.telemetry.routing import routing_metrics
+
+    profiler = rt.policy.routing
+    if masks is not None:
+        shapes = {int(mb["mb_key"]): (int(mb["tokens"].shape[0]), int(mb["tokens"].shape[1]))
+                  for micro in batches for mb in micro}
+        profiler.attribute(actor.from_last_stage(masks), shapes)
+    sums = profiler.step_sums()
+    if masks is not None and rt.routing_log is not None:
+        rt.routing_log.log(step + 1, sums)
+    return routing_metrics(sums)
 
 
 def _counters(rt: Runtime) -> dict[str, float]:

@@ -60,6 +60,9 @@ def preflight(config: Config, *, world_size: int) -> RunInputs:
     arch = arch_from_hf(read_hf_config(hf_dir))
     validate_layout(arch, config.model, config.parallel, world_size)
     _check_rollout(config)
+    if config.profile.routing != "off" and not arch.is_moe:
+        raise ConfigError(f"profile.routing={config.profile.routing} profiles MoE routers, but model.hf_path holds a "
+                          f"dense {arch.model_type} model; set profile.routing=off.")
     resume_from = _resume_point(config, arch)
     if config.checkpoint.load:
         _check_checkpoint(Path(config.checkpoint.load), arch, setting="checkpoint.load")

@@ -21,6 +21,7 @@ from nsr_megatron.models.hf_config import ArchSpec
 from nsr_megatron.parallel import ParallelState
 from nsr_megatron.rewards.scorer import RewardScorer
 from nsr_megatron.rollout.engine import RolloutEngine
+from nsr_megatron.telemetry.routing import RoutingLog
 from nsr_megatron.trainer.preflight import RunInputs
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ class Runtime:
     export: HFExport  # the policy's weights as HF tensors, gathered group-locally onto the driver
     reference: ModelBundle | None = None
     stop_token_ids: tuple[int, ...] = ()
+    routing_log: RoutingLog | None = None  # routing.jsonl (profile.routing=full, the logging rank)
     start_step: int = 0
     resumed: bool = False
     counters: dict[str, float] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0.0))
@@ -150,6 +152,12 @@ def build_runtime(config: Config, inputs: RunInputs, *, world_size: int) -> Runt
     if config.loss.kl_coef > 0:
         reference = build_model(arch, model=config.model, parallel=config.parallel, role="reference")
 
+    if config.profile.routing != "off":  # hooks on the policy's routers; with "off" nothing is installed
+        from nsr_megatron.models.routing import RoutingProfiler
+
+        policy.routing = RoutingProfiler(
+            policy.gpt, [i for i, moe in enumerate(arch.moe_layers) if moe], arch.num_experts, arch.moe_topk,
+            full=config.profile.routing == "full", sequence_parallel=config.parallel.sequence_parallel)
     counters = dict.fromkeys(COUNTERS, 0.0)
     start_step = 0
     if inputs.resume_from is not None:
@@ -187,6 +195,8 @@ def build_runtime(config: Config, inputs: RunInputs, *, world_size: int) -> Runt
         export=HFExport(policy.module, arch),
         reference=reference,
         stop_token_ids=inputs.stop_token_ids,
+        routing_log=(RoutingLog(run_dir, resume_step=start_step if inputs.resume_from is not None else None)
+                     if config.profile.routing == "full" and state.rank == 0 else None),
         start_step=start_step,
         resumed=inputs.resume_from is not None,
         counters=counters,

@@ -206,6 +206,12 @@ def test_rollout_settings_that_need_a_gpu_or_a_venv_are_refused(model: Path, dat
     assert code == 2 and "Choose the engines with rollout.backend" in err
 
 
+def test_routing_profiler_needs_an_moe_model(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dense = make_tiny_model(tmp_path / "dense", model_type="qwen3", architectures=["Qwen3ForCausalLM"])
+    msg = refused(capsys, *base(dense, data, tmp_path / "r", "profile.routing=counters"))
+    assert "profile.routing=counters profiles MoE routers, but model.hf_path holds a dense qwen3 model" in msg
+
+
 def test_removed_and_misspelled_keys(capsys: pytest.CaptureFixture[str]) -> None:
     code, err = run_main(capsys, "validate", "run.seq_length=512")
     assert code == 2 and "unknown config key 'run.seq_length'. It is not an RL setting" in err
