@@ -301,6 +301,9 @@ class AlgorithmConfig:
     max_sampling_rounds: int = 3
     old_logprobs: Literal["recompute", "rollout"] = "recompute"
     mini_batches: int = 2  # optimizer steps per rollout batch (>1 makes clipping, and NSR, matter)
+    # MoE routing replay in the training forward: R2 replays the old-log-prob forward's routing, R3 the rollout
+    # engine's (megatron-core's RouterReplay).
+    routing_replay: Literal["off", "R2", "R3"] = "off"
     max_tokens_per_micro_batch: int = 4096
 
     def __post_init__(self) -> None:
@@ -382,6 +385,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     if origin is Literal:
         choices = typing.get_args(hint)
+        if isinstance(value, bool) and ("off" if not value else "on") in choices:
+            value = "off" if not value else "on"  # YAML 1.1 reads a bare off / on as a boolean
         _require(value in choices, f"{where}={value!r} is not one of {list(choices)}.")
         return value
     if origin in (typing.Union, types.UnionType):

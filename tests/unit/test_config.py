@@ -139,6 +139,16 @@ def test_yaml_and_overrides(tmp_path: Path) -> None:
         load_config(tmp_path / "missing.yaml")
 
 
+def test_off_reads_as_the_choice_not_a_boolean(tmp_path: Path) -> None:
+    # YAML 1.1 reads a bare off as false, in a file and in a key=value override alike
+    path = tmp_path / "c.yaml"
+    path.write_text("profile:\n  routing: off\n")
+    cfg = load_config(path, ["algorithm.routing_replay=off"])
+    assert cfg.profile.routing == "off" and cfg.algorithm.routing_replay == "off"
+    with pytest.raises(ConfigError, match=r"algorithm.routing_replay=True is not one of \['off', 'R2', 'R3'\]"):
+        load_config(None, ["algorithm.routing_replay=yes"])
+
+
 def test_unsupported_architecture_is_named() -> None:
     with pytest.raises(
         ConfigError, match=r"model_type='llama' is not supported; supported architectures: qwen2, qwen3, qwen3_moe"
