@@ -32,6 +32,9 @@ megatron-core code it addresses:
    arrays through ``moe_utils.maybe_move_tensor_to_cpu(..., as_numpy=True)``, which only converts
    tensors that are on the GPU; on CPU they stay tensors and ``all_to_all_single`` rejects them.
    The dispatcher's reference is replaced by one that also converts CPU tensors.
+7. Activation recompute (``tensor_parallel/random.py`` ``CheckpointFunction.backward``,
+   ``CheckpointWithoutOutput._recompute``) reruns layers inside ``torch.autograd.backward``, which part 2's
+   mode handles, and a mode is off while its own handler runs: these two run under a fresh instance of it.
 
 The sequence-parallel-capable RMSNorm that ``WrappedTorchNorm`` lacks is a model component and
 lives in :mod:`nsr_megatron.models.norm`, not here.
@@ -268,6 +271,20 @@ def install_cpu_compat() -> bool:
         return tensor
 
     token_dispatcher.maybe_move_tensor_to_cpu = _to_host
+
+    # Part 7: activation recompute. A mode is off while its handler runs, and ``torch.autograd.backward`` goes
+    # through the handler, so the layers recomputed in the backward pass run without part 2: they get it back.
+    from megatron.core.tensor_parallel.random import CheckpointFunction, CheckpointWithoutOutput
+
+    def _with_mode(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            with _CudaToCpuMode():
+                return fn(*args, **kwargs)
+        return wrapped
+
+    _INSTALLED["recompute"] = (CheckpointFunction.backward, CheckpointWithoutOutput._recompute)
+    CheckpointFunction.backward = staticmethod(_with_mode(CheckpointFunction.backward))  # type: ignore[method-assign]
+    CheckpointWithoutOutput._recompute = _with_mode(CheckpointWithoutOutput._recompute)  # type: ignore[method-assign]
 
     # Part 2: device mapping for literal "cuda" factories, .cuda(), .type() names.
     mode = _CudaToCpuMode()
