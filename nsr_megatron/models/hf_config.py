@@ -204,8 +204,10 @@ def validate_layout(
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def transformer_config(arch: ArchSpec, model: ModelConfig, parallel: ParallelConfig) -> Any:
-    """Build the megatron-core ``TransformerConfig`` for ``arch`` under the given layout."""
+def transformer_config(arch: ArchSpec, model: ModelConfig, parallel: ParallelConfig, *,
+                       routing_replay: bool = False) -> Any:
+    """Build the megatron-core ``TransformerConfig`` for ``arch`` under the given layout (``routing_replay``: give
+    every MoE router megatron's ``RouterReplay``, for R2 / R3)."""
     from megatron.core.transformer import TransformerConfig
 
     dtype = _DTYPES[model.params_dtype]
@@ -264,6 +266,7 @@ def transformer_config(arch: ArchSpec, model: ModelConfig, parallel: ParallelCon
             moe_grouped_gemm=model.moe_grouped_gemm,
             moe_layer_freq=[int(x) for x in arch.moe_layers],
             moe_permute_fusion=False,
+            moe_enable_routing_replay=routing_replay,
         )
     if model.fp8:
         kwargs.update(fp8=model.fp8, fp8_recipe=model.fp8_recipe, fp8_param=model.fp8_param)

@@ -111,6 +111,7 @@ class ModelBundle:
     optimizer: Any = None  # megatron MegatronOptimizer
     offload: bool = False  # reference only: keep the weights in host memory between uses
     routing: Any = None  # the routing profiler on this model's routers (profile.routing), or None
+    replay: Any = None  # the routing replay of this model's routers (algorithm.routing_replay), or None
     _host: list[tuple[torch.nn.Parameter, torch.Tensor]] = field(default_factory=list, repr=False)
 
     @property
@@ -167,6 +168,7 @@ def build_model(
     parallel: ParallelConfig,
     role: Literal["policy", "reference"] = "policy",
     optimizer: OptimizerConfig | None = None,
+    routing_replay: bool = False,
 ) -> ModelBundle:
     """Build the policy (trainable, megatron DDP + distributed optimizer) or the reference (frozen).
 
@@ -176,7 +178,7 @@ def build_model(
     from megatron.core import parallel_state as mpu
     from megatron.core.models.gpt import GPTModel
 
-    config = transformer_config(arch, model, parallel)
+    config = transformer_config(arch, model, parallel, routing_replay=routing_replay and arch.is_moe)
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=layer_specs(arch, model, config),

@@ -32,7 +32,24 @@ import torch.distributed as dist
 
 from nsr_megatron.telemetry.routing import RoutingSums, expert_load, router_entropy_and_margin, topk_changed
 
-__all__ = ["RoutingProfiler"]
+__all__ = ["RoutingProfiler", "RoutingReplay", "router_order"]
+
+
+def router_order(per_token: torch.Tensor, tokens: int, sequence_parallel: bool) -> torch.Tensor:
+    """A [B, S, ...] tensor in the router's token order on this rank, [N, ...]: sequence-major (``n = s * B + b``),
+    this tensor-parallel rank's slice of the sequence under sequence parallelism."""
+    B, S = per_token.shape[:2]
+    s0, s1 = 0, S
+    if sequence_parallel:
+        from megatron.core import parallel_state as mpu
+
+        local = S // mpu.get_tensor_model_parallel_world_size()
+        s0 = mpu.get_tensor_model_parallel_rank() * local
+        s1 = s0 + local
+    out = per_token[:, s0:s1].transpose(0, 1).reshape((s1 - s0) * B, *per_token.shape[2:])
+    if out.shape[0] != tokens:
+        raise RuntimeError(f"routing: {tokens} router tokens but the micro-batch gives {out.shape[0]}.")
+    return out
 
 
 class RoutingProfiler:
@@ -94,19 +111,7 @@ class RoutingProfiler:
             self._current = None
 
     def _router_order(self, per_token: torch.Tensor, tokens: int) -> torch.Tensor:
-        """A [B, S, ...] tensor in the router's token order of this rank: [N, ...]."""
-        B, S = per_token.shape[:2]
-        s0, s1 = 0, S
-        if self.sequence_parallel:
-            from megatron.core import parallel_state as mpu
-
-            local = S // mpu.get_tensor_model_parallel_world_size()
-            s0 = mpu.get_tensor_model_parallel_rank() * local
-            s1 = s0 + local
-        out = per_token[:, s0:s1].transpose(0, 1).reshape((s1 - s0) * B, *per_token.shape[2:])
-        if out.shape[0] != tokens:
-            raise RuntimeError(f"routing profiler: {tokens} router tokens but the micro-batch gives {out.shape[0]}.")
-        return out
+        return router_order(per_token, tokens, self.sequence_parallel)
 
     @torch.no_grad()
     def _on_route(self, row: int, router: Any, out: Any) -> None:
@@ -171,3 +176,96 @@ class RoutingProfiler:
         self._old.clear()
         self._train.clear()
         return total
+
+
+class RoutingReplay:
+    """Routing replay (``algorithm.routing_replay``) on megatron-core's ``RouterReplay`` (the model is built with
+    ``moe_enable_routing_replay``): each router's top-k selection can be recorded or replaced.
+
+    - ``R2``: the ``old`` pass records each router's top-k per micro-batch; the ``train`` pass of the same
+      micro-batch replays it, so the training forward routes exactly as the forward that produced the old
+      log-probs did (the router still gets gradients through the replayed experts' probabilities).
+    - ``R3``: the ``train`` pass replays the rollout engine's choices (``batch["rollout_topk"]`` [B, S, L, k]).
+      Megatron replays a whole [N, k] table; tokens the engine never ran (each sample's last token, padding) take
+      the choice the ``old`` pass recorded (the experts 0..k-1 when there was no old pass). No loss position
+      depends on them (causal attention: nothing after them is trained).
+
+    Per-router instances are driven directly (megatron's static helpers address every router of the process,
+    the reference model's included).
+    """
+
+    def __init__(self, model: torch.nn.Module, moe_layers: list[int], topk: int, *, mode: str,
+                 sequence_parallel: bool) -> None:
+        from megatron.core.transformer.moe.router import TopKRouter
+
+        self.mode, self.topk, self.sequence_parallel = mode, topk, sequence_parallel
+        rows = {layer: i for i, layer in enumerate(moe_layers)}
+        self.routers = [(rows[int(r.layer_number) - 1], r) for r in model.modules()
+                        if isinstance(r, TopKRouter) and r.router_replay is not None]
+        if not self.routers:
+            raise ValueError(f"algorithm.routing_replay={mode} needs an MoE model built with routing replay.")
+        self._recorded: dict[Any, list[torch.Tensor]] = {}
+
+    @contextmanager
+    def micro_batch(self, key: Any, phase: str, batch: dict[str, torch.Tensor]) -> Iterator[None]:
+        from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+        if phase == "old":  # R2 replays this; R3 takes the tokens the engine never ran from it
+            for _, r in self.routers:
+                r.router_replay.set_router_replay_action(RouterReplayAction.RECORD)
+            try:
+                yield
+            finally:
+                self._recorded[key] = [r.router_replay.get_recorded_indices() for _, r in self.routers]
+                for _, r in self.routers:
+                    r.router_replay.clear_router_replay_action()
+            return
+        targets = self._targets(key, batch) if phase == "train" else None
+        if targets is None:
+            yield
+            return
+        for (_, r), target in zip(self.routers, targets, strict=True):
+            r.router_replay.set_target_indices(target)  # also queued for activation recompute in the backward
+            r.router_replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+        try:
+            yield
+        finally:
+            # A recomputed layer (model.recompute) routes again in the backward pass: it takes the queued tables
+            # in micro-batch order, which is the backward order under every pipeline schedule.
+            for _, r in self.routers:
+                r.router_replay.set_router_replay_action(RouterReplayAction.REPLAY_BACKWARD)
+
+    def _targets(self, key: Any, batch: dict[str, torch.Tensor]) -> list[torch.Tensor] | None:
+        if self.mode == "R2":
+            return self._recorded.pop(key, None)
+        rollout = batch.get("rollout_topk")
+        if rollout is None:
+            raise RuntimeError("algorithm.routing_replay=R3 needs the rollout engine's routed experts, and this "
+                               "micro-batch has none.")
+        recorded = self._recorded.pop(key, None)
+        out = []
+        for i, (row, _) in enumerate(self.routers):
+            per_token = rollout[:, :, row]  # [B, S, k]
+            n = per_token.shape[0] * (per_token.shape[1] // self._tp())
+            table = router_order(per_token, n, self.sequence_parallel).long().clone()  # [N, k], a copy: filled below
+            unknown = (table < 0).any(dim=-1)
+            if recorded is not None and recorded[i] is not None:
+                table[unknown] = recorded[i].to(table.device)[unknown].long()
+            else:
+                table[unknown] = torch.arange(self.topk, device=table.device)
+            out.append(table)
+        return out
+
+    def _tp(self) -> int:
+        if not self.sequence_parallel:
+            return 1
+        from megatron.core import parallel_state as mpu
+
+        return int(mpu.get_tensor_model_parallel_world_size())
+
+    def clear(self) -> None:
+        """Forget what the step recorded and queued (after its training passes)."""
+        self._recorded.clear()
+        for _, r in self.routers:
+            r.router_replay.clear_router_replay_action()
+            r.router_replay.clear_indices()

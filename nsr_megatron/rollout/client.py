@@ -18,6 +18,7 @@ A sample that SGLang aborted (``finish_reason.type == "abort"``, e.g. under ``/p
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -26,6 +27,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from typing import Any
+
+import torch
 
 from nsr_megatron.rollout.engine import Generation, SamplingParams, prompt_seeds
 
@@ -72,7 +75,10 @@ class HttpEngine:
         n: int = 1,
         seed: int = 0,
         seeds: Sequence[int] | None = None,
+        return_routed_experts: bool = False,
+        topk: int = 0,
     ) -> list[list[Generation]]:
+        """``return_routed_experts`` asks for each token's experts (``topk`` per token, the model's k)."""
         keyed = list(seeds) if seeds is not None else prompt_seeds(seed, len(prompts))
         if len(keyed) != len(prompts):
             raise ValueError(f"generate: {len(keyed)} seeds for {len(prompts)} prompts; pass one per prompt.")
@@ -81,6 +87,10 @@ class HttpEngine:
             "sampling_params": [_sampling_params(params, n, s) for s in keyed],
             "return_logprob": True,
         }
+        if return_routed_experts:
+            if topk < 1:
+                raise ValueError("generate(return_routed_experts=True) needs topk, the model's experts per token.")
+            body["return_routed_experts"] = True
         out = self._json("POST", "/generate", body)
         if isinstance(out, dict):
             out = [out]
@@ -101,6 +111,7 @@ class HttpEngine:
                     response_ids=list(item["output_ids"]),
                     response_logprobs=[float(lp) if lp is not None else math.nan for lp, *_ in logprobs],
                     finish_reason="stop" if finish.get("type") == "stop" else "length",
+                    routed_experts=_routed(meta, topk) if return_routed_experts else None,
                 ))
             groups.append(group)
         return groups
@@ -232,6 +243,16 @@ class HttpEngine:
             raise EngineError(f"{method} {self.base_url}{path} -> HTTP {exc.code}: {_reason(exc.read())}") from None
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
             raise EngineUnreachable(f"{method} {self.base_url}{path}: {exc}") from None
+
+
+def _routed(meta: dict[str, Any], topk: int) -> torch.Tensor:
+    """SGLang's ``routed_experts`` (base64 of int32 [prompt + completion - 1, layers, k]) as an int16 tensor."""
+    raw = meta.get("routed_experts")
+    if not raw:
+        raise EngineError("the engine returned no routed_experts (SGLang needs --enable-return-routed-experts).")
+    flat = torch.frombuffer(bytearray(base64.b64decode(raw)), dtype=torch.int32)
+    tokens = int(meta["prompt_tokens"]) + int(meta["completion_tokens"]) - 1
+    return flat.view(tokens, -1, topk).to(torch.int16)
 
 
 def _sampling_params(params: SamplingParams, n: int, seed: int) -> dict[str, Any]:

@@ -191,6 +191,7 @@ class EmbeddedEngine:
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.weight_version = "0"
         self._targets = _weight_targets(self.model)
+        self._gates = [m for name, m in self.model.named_modules() if name.endswith("mlp.gate")]  # MoE routers
         self._fused_names = {n for n, (t, _) in self._targets.items() if t.dim() == 3 and n.endswith(
             ("experts.gate_up_proj", "experts.down_proj"))}
         # transformers >= 5.24 names the KV-cache argument ``cache`` (``past_key_values`` is deprecated there).
@@ -207,10 +208,12 @@ class EmbeddedEngine:
         n: int = 1,
         seed: int = 0,
         seeds: Sequence[int] | None = None,
+        return_routed_experts: bool = False,
     ) -> list[list[Generation]]:
         """Sample ``n`` continuations of every prompt; ``result[i][j]`` is sample ``j`` of prompt ``i``.
 
-        ``seeds[i]`` keys prompt i's draws; without ``seeds``, they come from ``seed`` (``prompt_seeds``)."""
+        ``seeds[i]`` keys prompt i's draws; without ``seeds``, they come from ``seed`` (``prompt_seeds``). With
+        ``return_routed_experts`` (MoE models) each generation carries the experts its tokens were routed to."""
         self._check_request(prompts, params, n, seed)
         keyed = list(seeds) if seeds is not None else prompt_seeds(seed, len(prompts))
         if len(keyed) != len(prompts) or not all(isinstance(s, int) and not isinstance(s, bool) for s in keyed):
@@ -223,12 +226,14 @@ class EmbeddedEngine:
         with torch.inference_mode():
             for start in range(0, len(rows), self.max_batch_size):
                 chunk = rows[start : start + self.max_batch_size]
-                for (i, j), gen in zip(chunk, self._generate_rows(prompts, chunk, params, keyed), strict=True):
+                for (i, j), gen in zip(chunk, self._generate_rows(prompts, chunk, params, keyed,
+                                                                  return_routed_experts), strict=True):
                     results[i][j] = gen
         return [[g for g in per_prompt if g is not None] for per_prompt in results]
 
     def _generate_rows(
-        self, prompts: list[list[int]], rows: list[tuple[int, int]], params: SamplingParams, seeds: list[int]
+        self, prompts: list[list[int]], rows: list[tuple[int, int]], params: SamplingParams, seeds: list[int],
+        routed: bool = False,
     ) -> list[Generation]:
         from transformers import DynamicCache
 
@@ -247,10 +252,20 @@ class EmbeddedEngine:
 
         cache = DynamicCache(config=self.model.config)
         cache_kw = {self._cache_kwarg: cache}
+        seen: list[Tensor] = []  # each MoE gate's choices in the last forward, in layer order
+        hooks = [gate.register_forward_hook(lambda m, a, o: seen.append(self._choices(o))) for gate in self._gates
+                 ] if routed else []
         out = self.model(
             input_ids=ids_ul, attention_mask=mask_ul, position_ids=pos_ul, use_cache=True, logits_to_keep=1, **cache_kw
         )
         src_r = torch.tensor([slot[i] for i, _ in rows], dtype=torch.long, device=dev)  # R: row -> its prompt
+        # Routed experts [R, L_pad + T, layers, k]: the (left-padded) prompt's tokens from the prefill, then each
+        # response token fed back; row r's tokens are one contiguous slice of it.
+        if routed:
+            prompt_experts = self._routed(seen, len(uniq), longest)  # [U, L_pad, layers, k]
+            experts_r = torch.full((len(rows), longest + params.max_new_tokens, *prompt_experts.shape[2:]), -1,
+                                   dtype=prompt_experts.dtype)
+            experts_r[:, :longest] = prompt_experts[src_r.cpu()]
         if len(uniq) != len(rows):
             cache.batch_select_indices(src_r)  # K/V of each prompt repeated for its samples
         logits_av = out.logits[src_r, -1]  # A = R, V
@@ -288,6 +303,10 @@ class EmbeddedEngine:
                 input_ids=tok_a[:, None], attention_mask=mask_ak, position_ids=pos_a1, use_cache=True, **cache_kw
             )
             logits_av = out.logits[:, -1]
+            if routed:
+                experts_r[active_a.cpu(), longest + t] = self._routed(seen, len(active_a), 1)[:, 0]  # [A, layers, k]
+        for hook in hooks:
+            hook.remove()
 
         tokens, logps = tokens_rt.cpu().tolist(), logps_rt.cpu().tolist()
         lens, stopped = length_r.cpu().tolist(), stopped_r.cpu().tolist()
@@ -297,9 +316,26 @@ class EmbeddedEngine:
                 response_ids=tokens[r][: lens[r]],
                 response_logprobs=logps[r][: lens[r]],
                 finish_reason="stop" if stopped[r] else "length",
+                routed_experts=experts_r[r, longest - len(prompts[i]) : longest + lens[r] - 1] if routed else None,
             )
             for r, (i, _) in enumerate(rows)
         ]
+
+    def _choices(self, out: Any) -> Tensor:
+        """A gate's chosen experts [tokens, k]: transformers 5 routers return (logits, scores, indices); a plain
+        linear gate (transformers 4) returns logits, whose top-k are the choice."""
+        if isinstance(out, tuple):
+            return out[2].detach()
+        return out.detach().topk(int(self.model.config.num_experts_per_tok), dim=-1).indices
+
+    def _routed(self, seen: list[Tensor], rows: int, length: int) -> Tensor:
+        """The last forward's choices (``seen``, one [rows * length, k] per MoE layer, row-major) as
+        [rows, length, layers, k] int16; ``seen`` is emptied for the next forward."""
+        if not seen:
+            raise ValueError("return_routed_experts needs an MoE model: this one has no expert gates.")
+        stacked = torch.stack([c.view(rows, length, -1) for c in seen], dim=2).to(torch.int16).cpu()
+        seen.clear()
+        return stacked
 
     def _check_request(self, prompts: Any, params: Any, n: Any, seed: Any) -> None:
         if not isinstance(params, SamplingParams):

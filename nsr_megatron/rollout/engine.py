@@ -114,6 +114,9 @@ class Generation:
     response_ids: list[int]
     response_logprobs: list[float]
     finish_reason: str  # "stop" | "length"
+    # With return_routed_experts: the experts of every token the engine ran, [P + R - 1, MoE layers, k] int
+    # (the prompt's tokens, then each response token but the last; as SGLang's routed_experts).
+    routed_experts: torch.Tensor | None = None
 
 
 @runtime_checkable
@@ -128,10 +131,12 @@ class RolloutEngine(Protocol):
         n: int = 1,
         seed: int = 0,
         seeds: Sequence[int] | None = None,
+        return_routed_experts: bool = False,
     ) -> list[list[Generation]]:
         """Sample ``n`` continuations of every prompt; ``result[i][j]`` is sample ``j`` of prompt ``i``.
         ``seeds[i]`` (default: ``prompt_seeds(seed, len(prompts))``) keys prompt i's draws, so a prompt samples
-        the same whichever call or engine serves it."""
+        the same whichever call or engine serves it. ``return_routed_experts`` (MoE) fills
+        ``Generation.routed_experts``."""
         ...
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str = "") -> int:

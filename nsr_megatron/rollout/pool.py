@@ -117,7 +117,8 @@ def server_launchers(hf_path: str, num_engines: int, *, token: str, log_dir: Pat
 
 def sglang_launchers(hf_path: str, num_engines: int, *, token: str, log_dir: Path, python: str, tp_size: int = 1,
                      mem_fraction: float = 0.8, base_gpu_id: int = 0, colocate: bool = False,
-                     extra_args: Sequence[str] = (), env: dict[str, str] | None = None) -> list[EngineLauncher]:
+                     extra_args: Sequence[str] = (), env: dict[str, str] | None = None,
+                     routed_experts: bool = False) -> list[EngineLauncher]:
     """Launchers of ``num_engines`` SGLang servers (``python -m sglang.launch_server``) on loopback. Without CUDA
     they run SGLang's CPU engine (``--device cpu``, torch-native attention, a small fixed memory pool)."""
     cpu = not torch.cuda.is_available()
@@ -136,6 +137,8 @@ def sglang_launchers(hf_path: str, num_engines: int, *, token: str, log_dir: Pat
             cmd += ["--mem-fraction-static", str(mem_fraction), "--base-gpu-id", str(base_gpu_id + k * tp_size)]
             if colocate:
                 cmd += ["--enable-memory-saver"]
+        if routed_experts:
+            cmd += ["--enable-return-routed-experts"]
         out.append(EngineLauncher(command=cmd + list(extra_args), url=f"http://127.0.0.1:{port}", env=engine_env,
                                   log_path=log_dir / f"engine{k}.log", tp_size=tp_size))
     return out
@@ -158,7 +161,7 @@ class EnginePool:
     def __init__(self, *, launchers: Sequence[EngineLauncher] = (), urls: Sequence[str] = (), token: str | None,
                  weight_sync: str = "distributed", bucket_bytes: int = 512 << 20, weights_dir: Path,
                  hf_path: str, max_restarts: int = 3, request_timeout_s: float = 600.0,
-                 colocate: bool = False) -> None:
+                 colocate: bool = False, topk: int = 0) -> None:
         if bool(launchers) == bool(urls):
             raise ValueError("EnginePool needs either launchers (engines it starts) or urls (running engines).")
         self.launchers = list(launchers)
@@ -171,6 +174,7 @@ class EnginePool:
         self.hf_path = hf_path
         self.max_restarts = max_restarts
         self.colocate = colocate  # the engines share the training GPUs: release their memory while training
+        self.topk = topk  # the model's experts per token (to read routed experts back)
         self._released: set[str] = set()
         self.restarts = 0
         self.version = ""
@@ -228,7 +232,7 @@ class EnginePool:
 
     # -------------------------------------------------------------------------------------------- generation
     def generate(self, prompts: list[list[int]], params: SamplingParams, *, n: int = 1, seed: int = 0,
-                 seeds: Sequence[int] | None = None) -> list[list[Generation]]:
+                 seeds: Sequence[int] | None = None, return_routed_experts: bool = False) -> list[list[Generation]]:
         keyed = list(seeds) if seeds is not None else prompt_seeds(seed, len(prompts))
         shares = _shares(len(prompts), len(self.clients))
         results: list[list[Generation] | None] = [None] * len(prompts)
@@ -236,8 +240,9 @@ class EnginePool:
         while pending:
             failed: list[tuple[int, int, int]] = []
             with ThreadPoolExecutor(len(pending)) as pool:
-                futures = {pool.submit(self.clients[k].generate, prompts[lo:hi], params, n=n, seeds=keyed[lo:hi]):
-                           (k, lo, hi) for k, lo, hi in pending}
+                futures = {pool.submit(self.clients[k].generate, prompts[lo:hi], params, n=n, seeds=keyed[lo:hi],
+                                       return_routed_experts=return_routed_experts, topk=self.topk): (k, lo, hi)
+                           for k, lo, hi in pending}
             for future, (k, lo, hi) in futures.items():
                 try:
                     results[lo:hi] = future.result()

@@ -14,7 +14,8 @@ Endpoints (shapes as SGLang 0.5.23 answers them; ``shared/SGLANG.md``):
   an object for a single prompt with n = 1: ``output_ids`` and ``meta_info`` (``id``, ``prompt_tokens``,
   ``completion_tokens``, ``cached_tokens``, ``weight_version``, ``finish_reason`` ``{"type": "stop", "matched"}`` /
   ``{"type": "length", "length"}``, and with ``return_logprob`` ``output_token_logprobs`` =
-  ``[[logprob, token_id, null], ...]``). A sample's draws are keyed by its prompt's ``sampling_seed``, so it does
+  ``[[logprob, token_id, null], ...]``; with ``return_routed_experts`` ``routed_experts``, base64 of int32
+  [prompt + completion - 1, MoE layers, k]). A sample's draws are keyed by its prompt's ``sampling_seed``, so it does
   not depend on which engine serves it (SGLang's ``sampling_seed`` acts only in its deterministic mode).
 - ``POST /flush_cache``; ``POST /pause_generation`` (new requests wait) and ``/continue_generation``.
 - weights, each answering ``{"success": bool, "message": str}`` (400 on failure):
@@ -37,6 +38,7 @@ Security: it binds to 127.0.0.1 by default and refuses any other address without
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import hmac
 import json
@@ -68,7 +70,8 @@ SGLANG_SAMPLING_KEYS = SAMPLING_KEYS[:5] + ("stop", "stop_regex", "min_p", "freq
                                              "ebnf", "structural_tag", "ignore_eos", "skip_special_tokens",
                                              "spaces_between_special_tokens", "no_stop_trim", "stream_interval",
                                              "logit_bias", "sampling_seed", "custom_params")
-GENERATE_KEYS = frozenset({"input_ids", "sampling_params", "return_logprob", "stream", "rid", "logprob_start_len"})
+GENERATE_KEYS = frozenset({"input_ids", "sampling_params", "return_logprob", "stream", "rid", "logprob_start_len",
+                           "return_routed_experts"})
 OPEN_PATHS = frozenset({"/health", "/health_generate"})
 
 
@@ -171,6 +174,7 @@ class RolloutServer:
     # ------------------------------------------------------------------------------------------------ generation
     def generate(self, body: Any) -> Any:
         prompts, flat, requests, return_logprob = parse_generate_request(body)
+        routed = bool(body.get("return_routed_experts", False))
         self._resumed.wait()  # paused: new requests wait, as SGLang's do
         out: list[Any] = [None] * len(prompts)
         with self._lock:
@@ -182,7 +186,7 @@ class RolloutServer:
             for (params, n), idx in by_params.items():
                 try:
                     groups = self.engine.generate([prompts[i] for i in idx], params, n=n,
-                                                  seeds=[requests[i][2] for i in idx])
+                                                  seeds=[requests[i][2] for i in idx], return_routed_experts=routed)
                 except ValueError as exc:  # the engine's checks against the model (vocabulary size)
                     raise RequestError(str(exc)) from exc
                 for i, group in zip(idx, groups, strict=True):
@@ -432,6 +436,9 @@ def _sglang_output(gen: Generation, params: SamplingParams, return_logprob: bool
     if return_logprob:
         meta["output_token_logprobs"] = [[lp, tok, None] for lp, tok in
                                          zip(gen.response_logprobs, gen.response_ids, strict=True)]
+    if gen.routed_experts is not None:  # SGLang's format: base64 of int32 [prompt + completion - 1, layers, k]
+        meta["routed_experts"] = base64.b64encode(
+            gen.routed_experts.to(torch.int32).contiguous().numpy().tobytes()).decode()
     return {"output_ids": list(gen.response_ids), "meta_info": meta}
 
 

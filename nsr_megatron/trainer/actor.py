@@ -82,10 +82,10 @@ def forward_backward(
         position_ids = batch.get("position_ids")
         if position_ids is None:
             position_ids = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
-        profiler = bundle.routing
-        watch = (profiler.micro_batch(int(batch["mb_key"]), phase, batch) if profiler is not None
-                 and "mb_key" in batch else contextlib.nullcontext())
-        with watch:
+        with contextlib.ExitStack() as routing:  # replay sets the routers' choices; the profiler then sees them
+            for hook in (bundle.replay, bundle.routing):
+                if hook is not None and "mb_key" in batch:
+                    routing.enter_context(hook.micro_batch(int(batch["mb_key"]), phase, batch))
             output = model(tokens, position_ids, None)  # [B, S, V/tp] on the last stage
 
         def loss_func(output_tensor: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -24,6 +24,7 @@ class Sample:
     rollout_logprobs: list[float]
     reward: float
     advantage: float
+    routed_experts: torch.Tensor | None = None  # [P + R - 1, L, k]: the engine's experts per token (MoE)
 
 
 def dp_shard(samples: list[Sample], dp_rank: int, dp_size: int) -> list[Sample]:
@@ -57,7 +58,8 @@ def pack_micro_batches(
     the budget gets a micro-batch of its own. Returns dicts of:
       tokens [B, S] int64, targets [B, T] int64, mask [B, T] float32 (1 on response targets),
       token_index [B, T] int64 (position in the response), rollout_logprobs [B, T] float32,
-      advantages [B] float32, sample_ids [B] int64, valid [B, S] bool (the real tokens: prompt and response).
+      advantages [B] float32, sample_ids [B] int64, valid [B, S] bool (the real tokens: prompt and response),
+      and when the samples carry the engine's routing, rollout_topk [B, S, L, k] int64 (-1 where it has none).
     """
     if not samples:
         return []
@@ -81,6 +83,15 @@ def pack_micro_batches(
             mask[i, p - 1 : p - 1 + r] = 1.0
             token_index[i, p - 1 : p - 1 + r] = torch.arange(r)
             rollout_lp[i, p - 1 : p - 1 + r] = torch.tensor(s.rollout_logprobs, dtype=torch.float32)
+        routed = [s.routed_experts for s in group]
+        rollout_topk = None
+        if any(r is not None for r in routed):
+            shape = next(e for e in routed if e is not None).shape[1:]  # [L, k]
+            dtype = next(e for e in routed if e is not None).dtype
+            known = [e if e is not None else torch.empty(0, *shape, dtype=dtype) for e in routed]
+            rollout_topk = torch.full((B, S, *shape), -1, dtype=torch.int64)  # [B, S, L, k]
+            padded = torch.nn.utils.rnn.pad_sequence(known, batch_first=True, padding_value=-1)  # one op, not B
+            rollout_topk[:, : padded.shape[1]] = padded
         batches.append(
             {
                 "tokens": tokens,
@@ -92,5 +103,6 @@ def pack_micro_batches(
                 "sample_ids": torch.tensor([s.uid for s in group], dtype=torch.int64),
                 "valid": valid,
             }
+            | ({"rollout_topk": rollout_topk} if rollout_topk is not None else {})
         )
     return batches

@@ -143,7 +143,8 @@ def _sample_on_driver(rt: Runtime, step: int, phases: PhaseTimer
         records = [rt.dataset[i] for i in rt.sampler.next_batch()]
         with phases("rollout"):
             gens = rt.engine.generate([list(r.prompt_ids) for r in records], params, n=G,
-                                      seed=mix64_int(cfg.run.seed * 1_000_003 + step * 131 + round_) >> 1)
+                                      seed=mix64_int(cfg.run.seed * 1_000_003 + step * 131 + round_) >> 1,
+                                      return_routed_experts=rt.routed_experts)
         flat = [g for per_prompt in gens for g in per_prompt]
         with phases("rewards"):
             texts = [rt.tokenizer.decode(g.response_ids, skip_special_tokens=False) for g in flat]
@@ -177,7 +178,8 @@ def _sample_on_driver(rt: Runtime, step: int, phases: PhaseTimer
     adv = group_advantages(torch.stack([g[2] for g in groups]), normalize_std=cfg.algorithm.normalize_std)
     samples = [
         Sample(uid=i * G + j, prompt_ids=gen.prompt_ids, response_ids=gen.response_ids,
-               rollout_logprobs=gen.response_logprobs, reward=float(rew[j]), advantage=float(adv[i, j]))
+               rollout_logprobs=gen.response_logprobs, reward=float(rew[j]), advantage=float(adv[i, j]),
+               routed_experts=gen.routed_experts)
         for i, (_, gens_i, rew) in enumerate(groups) for j, gen in enumerate(gens_i)
     ]
     return samples, stats, example
@@ -240,6 +242,8 @@ def rl_step(rt: Runtime, step: int, phases: PhaseTimer) -> dict[str, float | Non
         with phases("weight_sync"):
             sync_weights(rt, step + 1)
     routing = _routing_step(rt, step, batches, masks) if profiler is not None else {}
+    if rt.policy.replay is not None:
+        rt.policy.replay.clear()
     reduced = actor.reduce_stats(sums)
     loss_stats: dict[str, float | None] = {**_NOT_TRAINED, **summarize_metrics(reduced)} if grad_norms else dict(
         _NOT_TRAINED)

@@ -60,6 +60,9 @@ def preflight(config: Config, *, world_size: int) -> RunInputs:
     arch = arch_from_hf(read_hf_config(hf_dir))
     validate_layout(arch, config.model, config.parallel, world_size)
     _check_rollout(config)
+    if config.algorithm.routing_replay != "off" and not arch.is_moe:
+        raise ConfigError(f"algorithm.routing_replay={config.algorithm.routing_replay} replays MoE routing, but "
+                          f"model.hf_path holds a dense {arch.model_type} model; set algorithm.routing_replay=off.")
     if config.profile.routing != "off" and not arch.is_moe:
         raise ConfigError(f"profile.routing={config.profile.routing} profiles MoE routers, but model.hf_path holds a "
                           f"dense {arch.model_type} model; set profile.routing=off.")
@@ -179,6 +182,12 @@ def _check_rollout(config: Config) -> None:
             "rollout.sglang.colocate=true shares the training GPUs with the SGLang engines (memory saver, release and "
             "resume around training) and needs CUDA; this machine has none. Set rollout.sglang.colocate=false: the "
             "engines then run beside the trainer (on CPU here).")
+    if r.backend == "sglang" and config.algorithm.routing_replay == "R3" and not torch.cuda.is_available():
+        raise ConfigError(
+            "algorithm.routing_replay=R3 replays the experts the rollout engine routed to, and SGLang returns them "
+            "only on CUDA (--enable-return-routed-experts registers a pinned host buffer with CUDA; SGLang's CPU "
+            "engine dies at start with it). On this machine use algorithm.routing_replay=R2, or rollout.backend=server "
+            "or embedded, which return routed experts on CPU.")
     if r.weight_sync == "tensor" and not (r.backend == "sglang" and r.sglang.colocate and torch.cuda.is_available()):
         raise ConfigError(
             "rollout.weight_sync=tensor hands weights to SGLang engines on the same GPUs as CUDA IPC handles: it "

@@ -52,6 +52,7 @@ class Runtime:
     reference: ModelBundle | None = None
     stop_token_ids: tuple[int, ...] = ()
     routing_log: RoutingLog | None = None  # routing.jsonl (profile.routing=full, the logging rank)
+    routed_experts: bool = False  # the engine returns each token's experts (routing profiler, R3 replay)
     start_step: int = 0
     resumed: bool = False
     counters: dict[str, float] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0.0))
@@ -90,9 +91,12 @@ def _pool(config: Config, state: ParallelState, run_dir: Path) -> RolloutEngine:
     """Engines of the project's rollout server or of SGLang, launched here (or attached to ``rollout.urls``)."""
     import secrets
 
+    from nsr_megatron.config import read_hf_config
+    from nsr_megatron.models.hf_config import arch_from_hf
     from nsr_megatron.rollout.pool import EnginePool, server_launchers, sglang_launchers
 
     r = config.rollout
+    arch = arch_from_hf(read_hf_config(config.model.hf_path))
     token = r.api_token or secrets.token_hex(16)
     log_dir = run_dir / "engines"
     launchers = []
@@ -105,12 +109,13 @@ def _pool(config: Config, state: ParallelState, run_dir: Path) -> RolloutEngine:
         launchers = sglang_launchers(config.model.hf_path, r.num_engines, token=token, log_dir=log_dir,
                                      python=sglang_python(config), tp_size=r.sglang.tp_size,
                                      mem_fraction=r.sglang.mem_fraction, base_gpu_id=r.sglang.base_gpu_id,
-                                     colocate=r.sglang.colocate, extra_args=r.sglang.extra_args, env=r.sglang.env)
+                                     colocate=r.sglang.colocate, extra_args=r.sglang.extra_args, env=r.sglang.env,
+                                     routed_experts=wants_routed_experts(config, arch))
     pool = EnginePool(launchers=launchers, urls=r.urls, token=r.api_token if r.urls else token,
                       weight_sync=r.weight_sync, bucket_bytes=r.update_bucket_mb << 20,
                       weights_dir=run_dir / "rollout_weights", hf_path=config.model.hf_path,
                       max_restarts=r.max_restarts, request_timeout_s=r.request_timeout_s,
-                      colocate=r.backend == "sglang" and r.sglang.colocate)
+                      colocate=r.backend == "sglang" and r.sglang.colocate, topk=arch.moe_topk)
     return pool.start()
 
 
@@ -120,6 +125,17 @@ def sglang_python(config: Config) -> str:
     local = Path.cwd() / ".venv-sglang" / "bin" / "python"
     return (config.rollout.sglang.python or os.environ.get("NSR_SGLANG_PYTHON")
             or (str(local) if local.exists() else "python3"))
+
+
+def wants_routed_experts(config: Config, arch: ArchSpec) -> bool:
+    """Whether the rollout engine must return each token's experts: for the routing profiler's rollout drift and
+    for R3 replay (MoE models only). SGLang returns them only on CUDA: on CPU the profiler goes without
+    ``routing/drift_rollout_train`` (and preflight refuses R3)."""
+    import torch
+
+    if config.rollout.backend == "sglang" and not torch.cuda.is_available():
+        return False
+    return arch.is_moe and (config.profile.routing != "off" or config.algorithm.routing_replay == "R3")
 
 
 # rollout.backend -> the driver rank's engine
@@ -147,16 +163,24 @@ def build_runtime(config: Config, inputs: RunInputs, *, world_size: int) -> Runt
         _write_resolved_config(config, run_dir)
     sampler = EpochSampler(len(inputs.dataset), config.rollout.prompts_per_step, seed=config.data.seed,
                            shuffle=config.data.shuffle)
-    policy = build_model(arch, model=config.model, parallel=config.parallel, role="policy", optimizer=config.optimizer)
+    replay = config.algorithm.routing_replay
+    policy = build_model(arch, model=config.model, parallel=config.parallel, role="policy", optimizer=config.optimizer,
+                         routing_replay=replay != "off")
     reference = None
     if config.loss.kl_coef > 0:
         reference = build_model(arch, model=config.model, parallel=config.parallel, role="reference")
 
+    moe_layers = [i for i, moe in enumerate(arch.moe_layers) if moe]
+    if replay != "off":
+        from nsr_megatron.models.routing import RoutingReplay
+
+        policy.replay = RoutingReplay(policy.gpt, moe_layers, arch.moe_topk, mode=replay,
+                                      sequence_parallel=config.parallel.sequence_parallel)
     if config.profile.routing != "off":  # hooks on the policy's routers; with "off" nothing is installed
         from nsr_megatron.models.routing import RoutingProfiler
 
         policy.routing = RoutingProfiler(
-            policy.gpt, [i for i, moe in enumerate(arch.moe_layers) if moe], arch.num_experts, arch.moe_topk,
+            policy.gpt, moe_layers, arch.num_experts, arch.moe_topk,
             full=config.profile.routing == "full", sequence_parallel=config.parallel.sequence_parallel)
     counters = dict.fromkeys(COUNTERS, 0.0)
     start_step = 0
@@ -197,6 +221,7 @@ def build_runtime(config: Config, inputs: RunInputs, *, world_size: int) -> Runt
         stop_token_ids=inputs.stop_token_ids,
         routing_log=(RoutingLog(run_dir, resume_step=start_step if inputs.resume_from is not None else None)
                      if config.profile.routing == "full" and state.rank == 0 else None),
+        routed_experts=wants_routed_experts(config, arch),
         start_step=start_step,
         resumed=inputs.resume_from is not None,
         counters=counters,

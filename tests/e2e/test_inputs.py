@@ -198,6 +198,8 @@ def test_rollout_settings_that_need_a_gpu_or_a_venv_are_refused(model: Path, dat
     run = tmp_path / "r"
     msg = refused(capsys, *base(model, data, run, "rollout.backend=sglang", "rollout.sglang.colocate=true"))
     assert "rollout.sglang.colocate=true shares the training GPUs" in msg and "needs CUDA" in msg
+    msg = refused(capsys, *base(model, data, run, "rollout.backend=sglang", "algorithm.routing_replay=R3"))
+    assert "SGLang returns them only on CUDA" in msg and "rollout.backend=server" in msg
     msg = refused(capsys, *base(model, data, run, "rollout.backend=server", "rollout.weight_sync=tensor"))
     assert "rollout.weight_sync=tensor" in msg and "use rollout.weight_sync=distributed" in msg
     msg = refused(capsys, *base(model, data, run, "rollout.backend=sglang", "rollout.sglang.python=/no/such/python"))

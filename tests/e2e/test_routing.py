@@ -74,3 +74,24 @@ def test_profile_writes_a_trace_with_the_phases_and_the_report(tmp_path: Path) -
     report = (out / "report.md").read_text()
     assert "routing/imbalance_max_mean" in report and "## Trace" in report
     assert (out / "routing.jsonl").is_file()
+
+
+def test_r2_replay_trains_on_the_old_passes_routing(tmp_path: Path, full_run: Path) -> None:
+    # The same run as full_run, whose later mini-batches drift from the old pass (asserted there), with R2.
+    run_dir = tmp_path / "run"
+    _ok(run_cli("quickstart", f"run.run_dir={run_dir}", *CLIPPING, "profile.routing=counters",
+                "algorithm.routing_replay=R2"))
+    rows = read_metrics(run_dir)
+    assert [r["routing/drift_old_train"] for r in rows] == [0.0] * 4
+    assert rows[0]["grad_norm"] > 0  # it trained (a later step may find no group with unequal rewards)
+    assert any(r["routing/drift_old_train"] > 0 for r in read_metrics(full_run))
+
+
+def test_r3_replay_trains_on_the_engines_routing_over_http(tmp_path: Path) -> None:
+    # The project's rollout server returns each token's experts (SGLang's routed_experts); training replays them.
+    run_dir = tmp_path / "run"
+    _ok(run_cli("quickstart", f"run.run_dir={run_dir}", *CLIPPING, "profile.routing=counters",
+                "algorithm.routing_replay=R3", "rollout.backend=server"))
+    rows = read_metrics(run_dir)
+    assert [r["routing/drift_rollout_train"] for r in rows] == [0.0] * 4
+    assert rows[0]["grad_norm"] > 0  # it trained (a later step may find no group with unequal rewards)

@@ -10,7 +10,9 @@ tests fail, naming the command that builds it: they are never skipped.
   the engine holds exactly the bf16 cast of ``mcore-to-hf`` of the saved checkpoint (SGLang's ``/weights_checker``
   checksums of its fused parameters), and its log-probs of a fixed prompt match a transformers forward of the
   converted model. The same after a push through ``/update_weights_from_disk``.
-- Contract: requests and replies of SGLANG.md against SGLang and the project's server alike.
+- Contract: requests and replies of SGLANG.md against SGLang and the project's server alike. Routed experts
+  (``return_routed_experts``) come from the project's server, checked against a transformers forward; SGLang
+  returns them only on CUDA, and without them the client says so.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -121,10 +124,13 @@ def test_the_trainer_launches_sglang_engines_trains_and_stops_them(tmp_path: Pat
     run_dir = tmp_path / "run"
     proc = run_cli("quickstart", "--no-progress", f"run.run_dir={run_dir}", "run.steps=2",
                    "rollout.prompts_per_step=8", "rollout.samples_per_prompt=4", "rollout.backend=sglang",
-                   f"rollout.sglang.python={sglang_python()}", f"rollout.sglang.env.PYTHONPATH={STUB}")
+                   f"rollout.sglang.python={sglang_python()}", f"rollout.sglang.env.PYTHONPATH={STUB}",
+                   "profile.routing=counters")
     _ok(proc)
     rows = read_metrics(run_dir)
     assert len(rows) == 2 and rows[1]["grad_norm"] > 0 and rows[0]["rollout/restarts"] == 0
+    # the profiler runs; SGLang's CPU engine cannot return routed experts, so there is no rollout drift
+    assert "routing/entropy" in rows[0] and "routing/drift_rollout_train" not in rows[0]
     assert (run_dir / "engines" / "engine0.log").is_file()
     assert _no_sglang_left(str(run_dir / "hf-init")), "the run left its SGLang engine running"
     _clean_shm()
@@ -170,6 +176,13 @@ def any_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple
         url, token, _ = request.getfixturevalue("sglang_engine")
         yield "sglang", url, token
         return
+    with project_server(tmp_path) as (url, token):
+        yield "project", url, token
+
+
+@contextmanager
+def project_server(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """(url, token) of the project's server on the same tiny model as ``sglang_engine`` (model seed 3)."""
     token = secrets.token_hex(8)
     model = make_tiny_model(tmp_path / "hf", seed=3)
     port = _free_port()
@@ -178,7 +191,7 @@ def any_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple
                               url=f"http://127.0.0.1:{port}", log_path=tmp_path / "server.log")
     pool = EnginePool(launchers=[launcher], token=token, weights_dir=tmp_path / "w", hf_path=str(model)).start()
     try:
-        yield "project", launcher.url, token
+        yield launcher.url, token
     finally:
         pool.close()
 
@@ -237,3 +250,50 @@ def test_contract_errors_and_state(any_server: tuple[str, str, str]) -> None:
     assert status == 200 and str(text).startswith("Cache flushed.")
     assert call(url, "/pause_generation", {"mode": "abort"}, token)[0] == 200
     assert call(url, "/continue_generation", {}, token)[0] == 200
+
+
+def test_routed_experts_need_cuda_in_sglang(sglang_engine: tuple[str, str, Path]) -> None:
+    """SGLang fills ``routed_experts`` only when launched with --enable-return-routed-experts, and that flag
+    needs CUDA (a pinned host buffer registered with cudaHostRegister: the CPU engine dies at start). Asked
+    anyway, it answers without them, and the client says what is missing."""
+    from nsr_megatron.rollout.client import EngineError, HttpEngine
+    from nsr_megatron.rollout.engine import SamplingParams
+
+    url, token, _ = sglang_engine
+    status, out = call(url, "/generate", {"input_ids": [1, 7, 8], "sampling_params": {"max_new_tokens": 3},
+                                          "return_routed_experts": True}, token)
+    assert status == 200 and "routed_experts" not in out["meta_info"]
+    with pytest.raises(EngineError, match="SGLang needs --enable-return-routed-experts"):
+        HttpEngine(url, api_token=token).generate([[1, 7, 8]], SamplingParams(max_new_tokens=3), n=1,
+                                               return_routed_experts=True, topk=2)
+
+
+def test_project_server_returns_routed_experts(tmp_path: Path) -> None:
+    """``return_routed_experts`` as SGLANG.md states it: base64 of int32 [prompt + completion - 1, layers, k],
+    the experts a transformers forward of the same model routes the same tokens to; prompts of different lengths
+    (left-padded together in the engine) and several samples each."""
+    import base64
+
+    from transformers import AutoModelForCausalLM
+
+    prompts = [[1, 7, 8, 9, 10, 4, 5, 6], [12, 3], [4, 4, 9, 30, 2]]
+    with project_server(tmp_path) as (url, token):
+        status, out = call(url, "/generate", {"input_ids": prompts, "sampling_params": {
+            "n": 2, "max_new_tokens": 12, "temperature": 1.0, "sampling_seed": 5}, "return_routed_experts": True},
+            token)
+    assert status == 200 and len(out) == 6, out
+    model = AutoModelForCausalLM.from_pretrained(str(make_tiny_model(tmp_path / "ref", seed=3)), dtype=torch.float32)
+    cfg = model.config
+    layers, k, experts = cfg.num_hidden_layers, cfg.num_experts_per_tok, cfg.num_experts
+    for i, item in enumerate(out):
+        prompt, ids = prompts[i // 2], item["output_ids"]
+        raw = torch.frombuffer(bytearray(base64.b64decode(item["meta_info"]["routed_experts"])), dtype=torch.int32)
+        tokens = len(prompt) + len(ids) - 1  # the last token is never run
+        assert raw.numel() == tokens * layers * k, (i, raw.numel())
+        theirs = raw.view(tokens, layers, k).long()
+        assert bool(((theirs >= 0) & (theirs < experts)).all())
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + ids[:-1]]), output_router_logits=True).router_logits
+        ours = torch.stack([lg.view(tokens, experts).topk(k, dim=-1).indices for lg in logits], dim=1)  # [T, L, k]
+        same = (theirs.sort(-1).values == ours.sort(-1).values).all(-1).float().mean()
+        assert same == 1.0, (i, float(same))
