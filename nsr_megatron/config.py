@@ -259,6 +259,9 @@ class RolloutConfig:
     urls: list[str] = field(default_factory=list)
     api_token: str = ""  # bearer token of the engines' weight endpoints (default: a fresh one per run)
     weight_sync: Literal["distributed", "disk", "tensor"] = "distributed"
+    # The address engines reach the trainer's weight-update group at: "" = 127.0.0.1 when every engine is on
+    # loopback, else this host's name (engines on other nodes, rollout.urls).
+    weight_group_host: str = ""
     update_bucket_mb: int = 512
     max_restarts: int = 3  # engine restarts allowed over the run before it stops
     request_timeout_s: float = 600.0

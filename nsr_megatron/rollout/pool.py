@@ -161,7 +161,7 @@ class EnginePool:
     def __init__(self, *, launchers: Sequence[EngineLauncher] = (), urls: Sequence[str] = (), token: str | None,
                  weight_sync: str = "distributed", bucket_bytes: int = 512 << 20, weights_dir: Path,
                  hf_path: str, max_restarts: int = 3, request_timeout_s: float = 600.0,
-                 colocate: bool = False, topk: int = 0) -> None:
+                 colocate: bool = False, topk: int = 0, group_host: str = "127.0.0.1") -> None:
         if bool(launchers) == bool(urls):
             raise ValueError("EnginePool needs either launchers (engines it starts) or urls (running engines).")
         self.launchers = list(launchers)
@@ -175,6 +175,7 @@ class EnginePool:
         self.max_restarts = max_restarts
         self.colocate = colocate  # the engines share the training GPUs: release their memory while training
         self.topk = topk  # the model's experts per token (to read routed experts back)
+        self.group_host = group_host  # where the engines reach the weight-update group's store
         self._released: set[str] = set()
         self.restarts = 0
         self.version = ""
@@ -333,7 +334,7 @@ class EnginePool:
             return self._group
         self._group_gen += 1
         world = 1 + sum(self.tp_sizes)
-        group = WeightUpdateGroup(world, name=f"nsr_weights_{os.getpid()}_{self._group_gen}")
+        group = WeightUpdateGroup(world, name=f"nsr_weights_{os.getpid()}_{self._group_gen}", host=self.group_host)
         offsets = [1 + sum(self.tp_sizes[:k]) for k in range(len(self.clients))]
         calls = [partial(c.init_weights_update_group, master_address=group.address, master_port=group.port,
                          rank_offset=off, world_size=world, group_name=group.name, backend=group.backend)

@@ -115,8 +115,22 @@ def _pool(config: Config, state: ParallelState, run_dir: Path) -> RolloutEngine:
                       weight_sync=r.weight_sync, bucket_bytes=r.update_bucket_mb << 20,
                       weights_dir=run_dir / "rollout_weights", hf_path=config.model.hf_path,
                       max_restarts=r.max_restarts, request_timeout_s=r.request_timeout_s,
-                      colocate=r.backend == "sglang" and r.sglang.colocate, topk=arch.moe_topk)
+                      colocate=r.backend == "sglang" and r.sglang.colocate, topk=arch.moe_topk,
+                      group_host=weight_group_host(r.weight_group_host, r.urls))
     return pool.start()
+
+
+def weight_group_host(configured: str, urls: list[str]) -> str:
+    """The address engines reach the weight-update group at (``rollout.weight_group_host``)."""
+    from urllib.parse import urlparse
+
+    if configured:
+        return configured
+    if all(urlparse(u).hostname in ("127.0.0.1", "localhost", "::1") for u in urls):
+        return "127.0.0.1"
+    import socket
+
+    return socket.getfqdn()
 
 
 def sglang_python(config: Config) -> str:

@@ -59,3 +59,14 @@ def test_lr_schedule() -> None:
     assert lr_at(2, schedule="cosine", **kw) == pytest.approx(1.0)
     assert lr_at(10, schedule="cosine", **kw) == pytest.approx(0.1)
     assert lr_at(6, schedule="linear", **kw) == pytest.approx(0.55)
+
+
+def test_weight_group_host_is_loopback_only_for_local_engines() -> None:
+    import socket
+
+    from nsr_megatron.trainer.runtime import weight_group_host
+
+    assert weight_group_host("", []) == "127.0.0.1"  # engines the trainer launches listen on loopback
+    assert weight_group_host("", ["http://127.0.0.1:30000", "http://localhost:30001"]) == "127.0.0.1"
+    assert weight_group_host("", ["http://node7:30000"]) == socket.getfqdn()  # engines on another node
+    assert weight_group_host("10.0.0.5", ["http://node7:30000"]) == "10.0.0.5"
