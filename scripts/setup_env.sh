@@ -51,7 +51,7 @@ PYEOF
   fi
 fi
 
-pip_install -e "$ROOT[$EXTRAS]"
+pip_install -e "${ROOT}[${EXTRAS}]"
 "$PY" - <<'PYEOF' >&2
 import torch, megatron.core
 print(f"setup: torch {torch.__version__} (cuda={torch.cuda.is_available()}), megatron-core {megatron.core.__version__}")

@@ -1,0 +1,290 @@
+"""Per-GPU memory of a training layout, from ``config.json`` and the run config alone (``nsr-megatron plan``).
+
+Nothing here imports megatron or touches a GPU. The estimate follows how this project builds the model:
+
+- **parameters**: each rank holds its pipeline stage's layers; attention and dense MLPs split over TP, experts over
+  EP x ETP, the embedding (vocabulary-parallel) on the first stage and the output layer on the last (one copy when
+  tied and PP = 1), the router and norms whole on every rank. The worst stage is reported.
+- **gradients**: megatron DDP's buffer, fp32 (``grad_reduce_in_fp32``).
+- **optimizer**: Adam's two moments, plus fp32 master weights when the parameters are bf16/fp16, 4 bytes each,
+  divided over the data-parallel ranks with the distributed optimizer (experts over the expert-data-parallel ranks).
+- **activations** of one micro-batch of ``batch`` sequences of ``seq`` tokens per layer: the tensors autograd keeps,
+  per token (Korthikanti et al. 2022, with flash attention: no ``s x s`` term; with the local attention of a run
+  without Transformer Engine the ``heads x s x s`` scores and probabilities are kept too). Divided over TP with
+  sequence parallelism. 1F1B keeps up to PP micro-batches in flight on the first stage. Full recompute keeps only
+  each layer's input plus one layer's full set.
+- **logits**: the last stage's ``[tokens, vocab / TP]`` fp32 logits, their softmax and gradient (3 copies) and the
+  per-token log-prob buffers.
+- **rollout engine** (SGLang colocated): ``rollout.sglang.mem_fraction`` of the GPU while it generates (weights and
+  KV cache); it is released while the trainer trains, so the peak is the larger of the two phases.
+- **FP8** (Transformer Engine): an FP8 copy of every GEMM weight (1 byte) and GEMM inputs saved in FP8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from nsr_megatron.models.hf_config import ArchSpec
+
+GiB = 1024**3
+_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass
+class ParamCounts:
+    """Parameter counts of the whole model (global, unsharded)."""
+
+    total: int
+    active: int  # used per token: attention, dense MLPs, the k routed experts, embeddings and output layer
+    embedding: int
+    output: int  # 0 when tied to the embedding
+    attention_per_layer: int
+    dense_mlp_per_layer: int
+    experts_per_layer: int  # all experts of one MoE layer
+    router_per_layer: int
+    norms_per_layer: int
+
+
+def count_parameters(arch: ArchSpec) -> ParamCounts:
+    h, d = arch.hidden_size, arch.head_dim
+    q, kv = arch.num_heads * d, arch.num_kv_heads * d
+    attention = h * q + 2 * h * kv + q * h + (q + 2 * kv if arch.qkv_bias else 0)
+    norms = 2 * h + (2 * d if arch.qk_norm else 0)
+    dense_mlp = 3 * h * arch.ffn_hidden_size
+    one_expert = 3 * h * arch.moe_ffn_hidden_size
+    experts = arch.num_experts * one_expert
+    router = h * arch.num_experts
+    embedding = arch.vocab_size * h
+    output = 0 if arch.tie_word_embeddings else arch.vocab_size * h
+    moe_layers = sum(arch.moe_layers) if arch.is_moe else 0
+    dense_layers = arch.num_layers - moe_layers
+    total = (embedding + output + h + arch.num_layers * (attention + norms)
+             + moe_layers * (experts + router) + dense_layers * dense_mlp)
+    active = (embedding + output + h + arch.num_layers * (attention + norms)
+              + moe_layers * (arch.moe_topk * one_expert + router) + dense_layers * dense_mlp)
+    return ParamCounts(total=total, active=active, embedding=embedding, output=output, attention_per_layer=attention,
+                       dense_mlp_per_layer=dense_mlp, experts_per_layer=experts, router_per_layer=router,
+                       norms_per_layer=norms)
+
+
+@dataclass
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int = 1
+    world: int = 1
+    sequence_parallel: bool = False
+
+    @property
+    def dp(self) -> int:
+        return self.world // (self.tp * self.pp)
+
+    @property
+    def expert_dp(self) -> int:
+        return self.world // (self.ep * self.etp * self.pp)
+
+
+@dataclass
+class Plan:
+    """One GPU's memory (bytes) on the worst pipeline stage, by part."""
+
+    layout: Layout
+    params: ParamCounts
+    parts: dict[str, float] = field(default_factory=dict)  # resident while training
+    stage: int = 0  # the pipeline stage these parts are of (the one with the highest training peak)
+    rollout_share: float = 0.0  # the colocated engine's share while it generates (released while training)
+    activations_without_recompute: float = 0.0
+    activations_with_recompute: float = 0.0
+    fp8_note: str = ""
+
+    @property
+    def training_peak(self) -> float:
+        return sum(self.parts.values())
+
+    @property
+    def resident(self) -> float:  # what stays while the engine generates: weights, gradients, optimizer state
+        return sum(v for k, v in self.parts.items() if k in ("parameters", "gradients", "optimizer", "fp8 weights"))
+
+    @property
+    def peak(self) -> float:
+        return max(self.training_peak, self.resident + self.rollout_share)
+
+
+def _stage_layers(arch: ArchSpec, pp: int) -> list[list[int]]:
+    per = arch.num_layers // pp
+    return [list(range(s * per, (s + 1) * per)) for s in range(pp)]
+
+
+def plan_memory(arch: ArchSpec, layout: Layout, *, params_dtype: str, micro_batch_tokens: int, micro_batch_seqs: int,
+                recompute: str = "", fp8: bool = False, flash_attention: bool = True,
+                colocated_fraction: float = 0.0, gpu_bytes: float = 0.0) -> Plan:
+    """The memory plan of ``arch`` under ``layout``: ``micro_batch_tokens`` tokens per micro-batch in sequences of
+    ``micro_batch_tokens / micro_batch_seqs`` tokens."""
+    counts = count_parameters(arch)
+    pbytes = _BYTES[params_dtype]
+    tp, pp, ep, etp = layout.tp, layout.pp, layout.ep, layout.etp
+    h = arch.hidden_size
+    worst: dict[str, float] = {}
+    worst_total = -1.0
+    best_act: tuple[float, float] = (0.0, 0.0)
+    worst_stage = 0
+    for stage, layers in enumerate(_stage_layers(arch, pp)):
+        dense_params = 0.0  # split over TP, reduced over the data-parallel ranks
+        expert_params = 0.0  # split over EP x ETP, reduced over the expert-data-parallel ranks
+        for layer in layers:
+            dense_params += (counts.attention_per_layer / tp + counts.norms_per_layer)
+            if arch.is_moe and arch.moe_layers[layer]:
+                expert_params += counts.experts_per_layer / (ep * etp)
+                dense_params += counts.router_per_layer
+            else:
+                dense_params += counts.dense_mlp_per_layer / tp
+        if stage == 0:
+            dense_params += counts.embedding / tp
+        if stage == pp - 1:
+            dense_params += (counts.output if counts.output or pp > 1 else 0) / tp + h  # final norm
+        n = dense_params + expert_params
+        grads = 4 * n
+        main = 4 if pbytes < 4 else 0  # fp32 master weights of bf16/fp16 parameters
+        opt = (8 + main) * (dense_params / layout.dp + expert_params / layout.expert_dp)
+        act_full, act_rc = _activations(arch, layers, layout, micro_batch_tokens, micro_batch_seqs, fp8=fp8,
+                                        flash=flash_attention, in_flight=pp - stage)
+        parts = {"parameters": pbytes * n, "gradients": grads, "optimizer": opt,
+                 "activations": act_rc if recompute == "full" else act_full}
+        if fp8:
+            gemm = n - sum(counts.norms_per_layer for _ in layers) - (counts.embedding / tp if stage == 0 else 0)
+            parts["fp8 weights"] = 1.0 * gemm
+        if stage == pp - 1:
+            v = arch.vocab_size / tp
+            parts["logits"] = micro_batch_tokens * v * 4 * 3 + micro_batch_tokens * 4 * 6
+        total = sum(parts.values())
+        if total > worst_total:
+            worst, worst_total, best_act, worst_stage = parts, total, (act_full, act_rc), stage
+    plan = Plan(layout=layout, params=counts, parts=worst, stage=worst_stage,
+                activations_without_recompute=best_act[0], activations_with_recompute=best_act[1])
+    plan.rollout_share = colocated_fraction * gpu_bytes
+    if fp8:
+        plan.fp8_note = "FP8: +1 byte per GEMM weight (its FP8 copy); GEMM inputs saved in FP8 (1 byte, not 2)"
+    return plan
+
+
+def _activations(arch: ArchSpec, layers: list[int], layout: Layout, tokens: int, seqs: int, *, fp8: bool,
+                 flash: bool, in_flight: int) -> tuple[float, float]:
+    """(without recompute, with full recompute) activation bytes of one pipeline stage."""
+    h, d = arch.hidden_size, arch.head_dim
+    q, kv = arch.num_heads * d, arch.num_kv_heads * d
+    a = 2  # bytes of a bf16 activation
+    g = 1 if fp8 else 2  # bytes of a saved GEMM input
+    tp = layout.tp
+    sp = layout.tp if layout.sequence_parallel else 1
+    # Per token, per layer. Norm inputs and the residual stream are sequence-parallel (/SP); everything inside
+    # attention and the MLP is split over TP.
+    norms = 2 * h * a / sp
+    attn = (h * g / sp  # QKV GEMM input (gathered under SP, saved sharded)
+            + (q + 2 * kv) * a / tp  # Q, K, V after RoPE
+            + q * a / tp + 4 * arch.num_heads / tp  # attention output and log-sum-exp (flash)
+            + q * g / tp)  # output-projection input
+    seq = tokens / max(seqs, 1)
+    if not flash:  # local attention keeps the scores, the probabilities and the dropout-free softmax output
+        attn += 3 * arch.num_heads / tp * seq * 4
+    per_layer = []
+    for layer in layers:
+        if arch.is_moe and arch.moe_layers[layer]:
+            k, f = arch.moe_topk, arch.moe_ffn_hidden_size
+            mlp = (h * a / sp + arch.num_experts * 4  # router input and probabilities
+                   + k * (h * g + 2 * f * a + f * g) / layout.etp)  # per routed copy: fc1 input, fc1 out, fc2 input
+        else:
+            f = arch.ffn_hidden_size
+            mlp = h * g / sp + (2 * f * a + f * g) / tp
+        per_layer.append(norms + attn + mlp)
+    full = tokens * sum(per_layer) * in_flight
+    recompute = tokens * (len(layers) * h * a / sp * in_flight + max(per_layer))
+    return full, recompute
+
+
+def fits(plan: Plan, gpu_bytes: float, headroom: float = 0.9) -> bool:
+    """Whether the peak fits in ``headroom`` of the GPU (the rest: CUDA context, NCCL buffers, fragmentation)."""
+    return plan.peak <= headroom * gpu_bytes
+
+
+def candidate_layouts(arch: ArchSpec, world: int) -> list[Layout]:
+    """Layouts that divide the model and ``world``: tp | heads and kv heads, pp | layers, ep | experts."""
+    out = []
+    for tp in (1, 2, 4, 8):
+        if arch.num_heads % tp or arch.num_kv_heads % tp or arch.vocab_size % tp or world % tp:
+            continue
+        for pp in (1, 2, 4, 8, 16):
+            if arch.num_layers % pp or world % (tp * pp):
+                continue
+            for ep in ((1, 2, 4, 8, 16, 32, 64) if arch.is_moe else (1,)):
+                if arch.is_moe and arch.num_experts % ep:
+                    continue
+                if world % (ep * tp * pp):  # expert TP = TP here
+                    continue
+                out.append(Layout(tp=tp, pp=pp, ep=ep, etp=tp, world=world, sequence_parallel=tp > 1))
+    return out
+
+
+def describe(plan: Plan, gpu_bytes: float) -> list[str]:
+    """The plan as lines of text."""
+    p, lay = plan.params, plan.layout
+    lines = [f"model: {p.total / 1e9:.2f}B parameters, {p.active / 1e9:.2f}B active per token",
+             f"layout: tp={lay.tp} pp={lay.pp} ep={lay.ep} etp={lay.etp} on {lay.world} GPUs (dp={lay.dp}, "
+             f"expert dp={lay.expert_dp}); per GPU, worst pipeline stage:"]
+    for name, value in plan.parts.items():
+        lines.append(f"  {name:<22} {value / GiB:8.2f} GiB")
+    lines.append(f"  {'(activations, no recompute / full recompute':<22} {plan.activations_without_recompute / GiB:.2f}"
+                 f" / {plan.activations_with_recompute / GiB:.2f} GiB)")
+    lines.append(f"  {'training peak':<22} {plan.training_peak / GiB:8.2f} GiB")
+    if plan.rollout_share:
+        lines.append(f"  {'rollout (colocated)':<22} {plan.rollout_share / GiB:8.2f} GiB while generating, on top of "
+                     f"{plan.resident / GiB:.2f} GiB of weights, gradients and optimizer state")
+    if plan.fp8_note:
+        lines.append(f"  {plan.fp8_note}")
+    lines.append(f"  {'peak':<22} {plan.peak / GiB:8.2f} GiB of {gpu_bytes / GiB:.0f} GiB")
+    return lines
+
+
+def plan_from_config(config: Any, arch: ArchSpec, world: int, gpu_bytes: float, layout: Layout | None = None) -> Plan:
+    """The plan of a run config (``Config``) for ``world`` GPUs of ``gpu_bytes`` each."""
+    par = config.parallel
+    lay = layout or Layout(tp=par.tp, pp=par.pp, ep=par.ep, etp=par.etp or par.tp, world=world,
+                           sequence_parallel=par.sequence_parallel)
+    # A sample: the longest prompt the data allows (1024 tokens when data.max_prompt_tokens is unset) and the
+    # longest response. A micro-batch packs samples up to algorithm.max_tokens_per_micro_batch, at least one.
+    seq = min(arch.max_position_embeddings, (config.data.max_prompt_tokens or 1024) + config.rollout.max_new_tokens)
+    tokens = max(config.algorithm.max_tokens_per_micro_batch, seq)
+    colocated = config.rollout.backend == "sglang" and config.rollout.sglang.colocate and not config.rollout.urls
+    return plan_memory(arch, lay, params_dtype=config.model.params_dtype, micro_batch_tokens=tokens,
+                       micro_batch_seqs=max(1, tokens // seq), recompute=config.model.recompute,
+                       fp8=bool(config.model.fp8), flash_attention=True,
+                       colocated_fraction=config.rollout.sglang.mem_fraction if colocated else 0.0,
+                       gpu_bytes=gpu_bytes)
+
+
+def suggest(config: Any, arch: ArchSpec, world: int, gpu_bytes: float) -> str:
+    """The fitting layout nearest the config's (fewest changed settings, then the lowest peak), as overrides."""
+    par = config.parallel
+    now = (par.tp, par.pp, par.ep, config.model.recompute == "full")
+    best: tuple[int, float, str] | None = None
+    for lay in candidate_layouts(arch, world):
+        for recompute in (False, True):
+            c = plan_from_config(_with_recompute(config, recompute), arch, world, gpu_bytes, layout=lay)
+            if not fits(c, gpu_bytes):
+                continue
+            changed = sum(a != b for a, b in zip(now, (lay.tp, lay.pp, lay.ep, recompute), strict=True))
+            text = (f"parallel.tp={lay.tp} parallel.pp={lay.pp} parallel.ep={lay.ep} parallel.etp={lay.etp} "
+                    f"parallel.sequence_parallel={str(lay.sequence_parallel).lower()}"
+                    + (" model.recompute=full" if recompute else "") + f" (peak {c.peak / GiB:.1f} GiB)")
+            if best is None or (changed, c.peak) < best[:2]:
+                best = (changed, c.peak, text)
+    return best[2] if best else ""
+
+
+def _with_recompute(config: Any, full: bool) -> Any:
+    import copy
+
+    out = copy.deepcopy(config)
+    out.model.recompute = "full" if full else ""
+    return out
