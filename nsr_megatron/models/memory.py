@@ -9,8 +9,9 @@ Nothing here imports megatron or touches a GPU. The estimate follows how this pr
 - **optimizer**: Adam's two moments, plus fp32 master weights when the parameters are bf16/fp16, 4 bytes each,
   divided over the data-parallel ranks with the distributed optimizer (experts over the expert-data-parallel ranks).
 - **activations** of one micro-batch of ``batch`` sequences of ``seq`` tokens per layer: the tensors autograd keeps,
-  per token (Korthikanti et al. 2022, with flash attention: no ``s x s`` term; with the local attention of a run
-  without Transformer Engine the ``heads x s x s`` scores and probabilities are kept too). Divided over TP with
+  per token (Korthikanti et al. 2022; with Transformer Engine: flash attention, no ``s x s`` term, fused norms;
+  megatron's local layers, as without TE, also keep the ``heads x s x s`` scores and probabilities and the norms'
+  outputs). In the parameters' dtype (bf16 on GPUs; fp32 in the CPU check). Divided over TP with
   sequence parallelism. 1F1B keeps up to PP micro-batches in flight on the first stage. Full recompute keeps only
   each layer's input plus one layer's full set.
 - **logits**: the last stage's ``[tokens, vocab / TP]`` fp32 logits, their softmax and gradient (3 copies) and the
@@ -118,7 +119,7 @@ def _stage_layers(arch: ArchSpec, pp: int) -> list[list[int]]:
 
 
 def plan_memory(arch: ArchSpec, layout: Layout, *, params_dtype: str, micro_batch_tokens: int, micro_batch_seqs: int,
-                recompute: str = "", fp8: bool = False, flash_attention: bool = True,
+                recompute: str = "", fp8: bool = False, te: bool = True,
                 colocated_fraction: float = 0.0, gpu_bytes: float = 0.0) -> Plan:
     """The memory plan of ``arch`` under ``layout``: ``micro_batch_tokens`` tokens per micro-batch in sequences of
     ``micro_batch_tokens / micro_batch_seqs`` tokens."""
@@ -149,7 +150,7 @@ def plan_memory(arch: ArchSpec, layout: Layout, *, params_dtype: str, micro_batc
         main = 4 if pbytes < 4 else 0  # fp32 master weights of bf16/fp16 parameters
         opt = (8 + main) * (dense_params / layout.dp + expert_params / layout.expert_dp)
         act_full, act_rc = _activations(arch, layers, layout, micro_batch_tokens, micro_batch_seqs, fp8=fp8,
-                                        flash=flash_attention, in_flight=pp - stage)
+                                        flash=te, in_flight=pp - stage, act_bytes=pbytes, te=te)
         parts = {"parameters": pbytes * n, "gradients": grads, "optimizer": opt,
                  "activations": act_rc if recompute == "full" else act_full}
         if fp8:
@@ -170,17 +171,19 @@ def plan_memory(arch: ArchSpec, layout: Layout, *, params_dtype: str, micro_batc
 
 
 def _activations(arch: ArchSpec, layers: list[int], layout: Layout, tokens: int, seqs: int, *, fp8: bool,
-                 flash: bool, in_flight: int) -> tuple[float, float]:
+                 flash: bool, in_flight: int, act_bytes: int = 2, te: bool = True) -> tuple[float, float]:
     """(without recompute, with full recompute) activation bytes of one pipeline stage."""
     h, d = arch.hidden_size, arch.head_dim
     q, kv = arch.num_heads * d, arch.num_kv_heads * d
-    a = 2  # bytes of a bf16 activation
-    g = 1 if fp8 else 2  # bytes of a saved GEMM input
+    a = act_bytes  # bytes of an activation (the parameters' dtype)
+    g = 1 if fp8 else a  # bytes of a saved GEMM input
     tp = layout.tp
     sp = layout.tp if layout.sequence_parallel else 1
     # Per token, per layer. Norm inputs and the residual stream are sequence-parallel (/SP); everything inside
     # attention and the MLP is split over TP.
-    norms = 2 * h * a / sp
+    # TE's fused norms keep their input (and a per-token rstd); megatron's local path (torch RMSNorm, as on CPU)
+    # also keeps the normalized output, and the q/k norms' input and output.
+    norms = (2 if te else 4) * h * a / sp + (0 if te or not arch.qk_norm else 2 * (q + kv) * a / tp)
     attn = (h * g / sp  # QKV GEMM input (gathered under SP, saved sharded)
             + (q + 2 * kv) * a / tp  # Q, K, V after RoPE
             + q * a / tp + 4 * arch.num_heads / tp  # attention output and log-sum-exp (flash)
@@ -193,7 +196,8 @@ def _activations(arch: ArchSpec, layers: list[int], layout: Layout, tokens: int,
         if arch.is_moe and arch.moe_layers[layer]:
             k, f = arch.moe_topk, arch.moe_ffn_hidden_size
             mlp = (h * a / sp + arch.num_experts * 4  # router input and probabilities
-                   + k * (h * g + 2 * f * a + f * g) / layout.etp)  # per routed copy: fc1 input, fc1 out, fc2 input
+                   + k * (h * g + 2 * f * a + f * g) / layout.etp  # per routed copy: fc1 input, fc1 out, fc2 input
+                   + k * h * a)  # the experts' outputs, kept for the probability-weighted combine
         else:
             f = arch.ffn_hidden_size
             mlp = h * g / sp + (2 * f * a + f * g) / tp
@@ -258,7 +262,7 @@ def plan_from_config(config: Any, arch: ArchSpec, world: int, gpu_bytes: float, 
     colocated = config.rollout.backend == "sglang" and config.rollout.sglang.colocate and not config.rollout.urls
     return plan_memory(arch, lay, params_dtype=config.model.params_dtype, micro_batch_tokens=tokens,
                        micro_batch_seqs=max(1, tokens // seq), recompute=config.model.recompute,
-                       fp8=bool(config.model.fp8), flash_attention=True,
+                       fp8=bool(config.model.fp8), te=config.model.transformer_impl != "local",
                        colocated_fraction=config.rollout.sglang.mem_fraction if colocated else 0.0,
                        gpu_bytes=gpu_bytes)
 
