@@ -142,6 +142,99 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 1
 
 
+def _eval_model_dir(model: str, scratch: Path) -> tuple[Path, str]:
+    """An HF folder for ``--model``: itself when it holds config.json, else the newest checkpoint in it (a step
+    folder, a checkpoints root or a run folder), converted into ``scratch``. Returns (folder, description)."""
+    from nsr_megatron.convert import find_hf_config, mcore_to_hf
+    from nsr_megatron.trainer.checkpoint import latest_checkpoint
+
+    path = Path(model)
+    if (path / "config.json").is_file():
+        return path, str(path)
+    step = path if (path / "nsr_meta.json").is_file() else None
+    for root in (path, path / "checkpoints"):
+        if step is None and root.is_dir():
+            step = latest_checkpoint(root)
+    if step is None:
+        raise ConfigError(f"--model {model}: neither a Hugging Face folder (config.json) nor a training checkpoint "
+                          "(a step_* folder, a checkpoints folder or a run folder); pass one of those.")
+    out = mcore_to_hf(step, scratch / "hf", hf_config=find_hf_config(step), progress=False)
+    return out, f"{step} (converted)"
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """avg@k, pass@1..k and maj@k of a model on a prompt file (see ``nsr_megatron.evaluation``)."""
+    import json
+
+    from tqdm import tqdm
+
+    from nsr_megatron.config import read_hf_config
+    from nsr_megatron.evaluation import ProblemResult, final_answer, generate_and_score, summarize
+    from nsr_megatron.models.hf_config import arch_from_hf
+    from nsr_megatron.rewards import RewardScorer
+    from nsr_megatron.rollout import SamplingParams
+    from nsr_megatron.rollout.engine import prompt_seeds
+    from nsr_megatron.trainer.preflight import _load_dataset, load_tokenizer, stop_token_ids
+    from nsr_megatron.trainer.runtime import standalone_engine
+
+    if args.k < 1:
+        raise ConfigError(f"--k {args.k} must be >= 1 (samples per problem).")
+    config: Config = load_config(args.config, [f"data.path={args.data}", *args.overrides])
+    sections = {o.split("=", 1)[0].split(".", 1)[0] for o in args.overrides}
+    if sections - {"data", "reward", "rollout", "model"}:
+        raise ConfigError(f"eval takes overrides of data.*, reward.*, rollout.* and model.* only; got "
+                          f"{sorted(sections - {'data', 'reward', 'rollout', 'model'})}.")
+    out_path = Path(args.out)
+    with tempfile.TemporaryDirectory() as scratch:
+        hf_dir, described = _eval_model_dir(args.model, Path(scratch))
+        config.model.hf_path = str(hf_dir)
+        arch = arch_from_hf(read_hf_config(hf_dir))
+        tokenizer = load_tokenizer(config.model, arch)
+        dataset = _load_dataset(config, tokenizer)
+        params = SamplingParams(max_new_tokens=args.max_new_tokens or config.rollout.max_new_tokens,
+                                temperature=args.temperature, top_p=args.top_p, top_k=config.rollout.top_k,
+                                stop_token_ids=stop_token_ids(hf_dir, tokenizer, arch.vocab_size))
+        seeds = prompt_seeds(args.seed, len(dataset))  # problem i's draws depend on (seed, i) only
+        results: list[ProblemResult] = []
+        engine = standalone_engine(config, Path(scratch))
+        try:
+            with RewardScorer(config.reward) as scorer:
+                bar = tqdm(total=len(dataset), desc="eval", unit="problem", disable=args.no_progress)
+                for start in range(0, len(dataset), args.batch):
+                    records = [dataset[i] for i in range(start, min(len(dataset), start + args.batch))]
+                    gens, rewards, _, texts = generate_and_score(engine, scorer, tokenizer, records, params,
+                                                                 n=args.k, seeds=seeds[start : start + len(records)])
+                    for j, (record, group) in enumerate(zip(records, gens, strict=True)):
+                        got = rewards[j * args.k : (j + 1) * args.k]
+                        said = texts[j * args.k : (j + 1) * args.k]
+                        results.append(ProblemResult(
+                            index=record.uid, prompt=record.prompt, answer=record.answer, responses=said,
+                            rewards=got, correct=[r >= args.correct_threshold for r in got],
+                            final_answers=[final_answer(t) for t in said],
+                            response_tokens=[len(g.response_ids) for g in group]))
+                    bar.update(len(records))
+                bar.close()
+        finally:
+            engine.close()
+    summary = summarize(results, args.k)
+    report = {**summary, "k": args.k, "problems": len(results), "model": described, "data": args.data,
+              "sampling": {"temperature": args.temperature, "top_p": args.top_p,
+                           "max_new_tokens": params.max_new_tokens, "seed": args.seed},
+              "reward": config.reward.name, "correct_threshold": args.correct_threshold,
+              "per_problem": [r.to_json() for r in results]}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_suffix(out_path.suffix + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1), encoding="utf-8")
+    os.replace(tmp, out_path)
+    keys = [f"avg@{args.k}", *[f"pass@{j}" for j in sorted({1, min(2, args.k), min(4, args.k), min(8, args.k),
+                                                              args.k})], f"maj@{args.k}"]
+    print(f"eval: {len(results)} problems x {args.k} samples, {described}")
+    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n| "
+          + " | ".join(f"{summary[k]:.4f}" for k in keys) + " |")
+    print(f"eval: wrote {out_path}")
+    return 0
+
+
 def _validate_world_size(args: argparse.Namespace) -> int:
     if args.world_size is not None and (args.nodes is not None or args.gpus_per_node is not None):
         raise ConfigError("pass either --world-size or --nodes/--gpus-per-node, not both.")
@@ -417,6 +510,23 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--gpu-mem-gb", type=float, default=0.0,
                           help="with --model-config: also check the memory plan against GPUs of this size")
     validate.set_defaults(func=cmd_validate)
+
+    ev = sub.add_parser("eval", help="avg@k, pass@k and maj@k of a model (HF folder or training checkpoint)")
+    add_config_args(ev, None)
+    ev.add_argument("--model", required=True, help="an HF folder, or a checkpoint (step folder, checkpoints "
+                    "folder or run folder: the newest step, converted on the fly)")
+    ev.add_argument("--data", required=True, help="JSONL or Parquet prompt file (data.* overrides apply)")
+    ev.add_argument("--out", required=True, help="JSON file for the summary and the per-problem results")
+    ev.add_argument("--k", type=int, default=16, help="samples per problem (default: %(default)s)")
+    ev.add_argument("--temperature", type=float, default=1.0, help="(default: %(default)s)")
+    ev.add_argument("--top-p", type=float, default=1.0, help="(default: %(default)s)")
+    ev.add_argument("--max-new-tokens", type=int, default=0, help="(default: rollout.max_new_tokens)")
+    ev.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    ev.add_argument("--batch", type=int, default=64, help="problems per engine call (default: %(default)s)")
+    ev.add_argument("--correct-threshold", type=float, default=1.0,
+                    help="a sample is correct when its reward is at least this (default: %(default)s)")
+    ev.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    ev.set_defaults(func=cmd_eval)
 
     plan = sub.add_parser("plan", help="per-GPU memory of a layout on a cluster; does it fit?")
     add_config_args(plan, None)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from nsr_megatron.evaluation import generate_and_score
 from nsr_megatron.losses import global_sums, loss_denominators, summarize_metrics
 from nsr_megatron.losses.rng import mix64_int
 from nsr_megatron.rollout import SamplingParams
@@ -141,15 +142,12 @@ def _sample_on_driver(rt: Runtime, step: int, phases: PhaseTimer
     example: dict[str, Any] = {}
     for round_ in range(cfg.algorithm.max_sampling_rounds if cfg.algorithm.dynamic_sampling else 1):
         records = [rt.dataset[i] for i in rt.sampler.next_batch()]
-        with phases("rollout"):
-            gens = rt.engine.generate([list(r.prompt_ids) for r in records], params, n=G,
-                                      seed=mix64_int(cfg.run.seed * 1_000_003 + step * 131 + round_) >> 1,
-                                      return_routed_experts=rt.routed_experts)
+        gens, rewards, rstats, texts = generate_and_score(
+            rt.engine, rt.scorer, rt.tokenizer, records, params, n=G, phases=phases,
+            seed=mix64_int(cfg.run.seed * 1_000_003 + step * 131 + round_) >> 1,
+            return_routed_experts=rt.routed_experts)
         flat = [g for per_prompt in gens for g in per_prompt]
-        with phases("rewards"):
-            texts = [rt.tokenizer.decode(g.response_ids, skip_special_tokens=False) for g in flat]
-            answers = [r.answer for r in records for _ in range(G)]
-            rewards, rstats = rt.scorer.score_batch(texts, answers, [len(g.response_ids) for g in flat])
+        answers = [r.answer for r in records for _ in range(G)]
         for key, value in rstats.as_metrics().items():
             stats[key] += value
         stats["rollout/rounds"] += 1

@@ -156,6 +156,18 @@ def wants_routed_experts(config: Config, arch: ArchSpec) -> bool:
 BACKENDS = {"embedded": _embedded, "server": _pool, "sglang": _pool}
 
 
+def standalone_engine(config: Config, run_dir: Path) -> RolloutEngine:
+    """The engine of ``rollout.backend`` outside a training run (``nsr-megatron eval``): on this process's device,
+    engines it launches logging under ``run_dir``."""
+    if config.rollout.backend == "embedded":
+        from nsr_megatron.rollout import EmbeddedEngine
+
+        return EmbeddedEngine(config.model.hf_path, device="cuda" if torch.cuda.is_available() else "cpu",
+                              dtype=torch.bfloat16 if config.model.params_dtype == "bf16" else torch.float32,
+                              max_batch_size=config.rollout.max_batch_size)
+    return _pool(config, None, run_dir)  # type: ignore[arg-type]  # the pool needs no process group
+
+
 def _write_resolved_config(config: Config, run_dir: Path) -> None:
     tmp = run_dir / "config.yaml.tmp"
     with open(tmp, "w", encoding="utf-8") as f:

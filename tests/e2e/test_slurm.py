@@ -134,3 +134,19 @@ def test_convert_sbatch_converts_and_round_trips(cluster: None, tmp_path: Path) 
     for f in (tmp_path / "back").glob("*.safetensors"):
         after.update(load_file(str(f)))
     assert after.keys() == before.keys() and all(bool((after[k] == before[k]).all()) for k in before)
+
+
+def test_eval_sbatch_scores_the_trained_run(straight: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval.json"
+    env = {**os.environ, "NSR_CPU": "1", "NSR_PYTHON": sys.executable, "NSR_MODEL": str(straight),
+           "NSR_DATA": str(straight / "data" / "echo.jsonl"), "NSR_OUT": str(out), "NSR_K": "4",
+           "NSR_TEMPERATURE": "1.0", "NSR_TOP_P": "1.0", "NSR_MAX_NEW_TOKENS": "3",
+           "NSR_EVAL_ARGS": "reward.name=synthetic reward.executor=thread data.max_samples=16"}
+    log = tmp_path / "eval.out"
+    proc = subprocess.run(["sbatch", "--wait", "--gpus-per-node=0", "--cpus-per-task=2", f"--output={log}",
+                           str(ROOT / "examples" / "slurm" / "eval.sbatch")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{proc.stderr}\n{log.read_text()[-3000:] if log.exists() else ''}"
+    result = json.loads(out.read_text())
+    assert result["problems"] == 16 and result["k"] == 4 and result["pass@1"] == result["avg@4"]
+    assert "| avg@4 | pass@1 | pass@2 | pass@4 | maj@4 |" in log.read_text()
