@@ -8,6 +8,8 @@ Subcommands:
   plot        draw a run's plots, or compare runs
   profile     a few steps under torch.profiler with the MoE routing profiler; writes a trace and a report
   report      render a run's report (report.md: summary, plots, routing)
+  eval        avg@k, pass@1..k and maj@k of an HF model or a training checkpoint on a prompt file
+  plan        per-GPU memory of a layout on a cluster (parameters, gradients, optimizer, activations, rollout)
 
 Every subcommand also runs under ``torchrun`` (any TP / PP / EP the world size allows).
 """
