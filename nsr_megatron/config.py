@@ -332,6 +332,31 @@ class ProfileConfig:
     routing: Literal["off", "counters", "full"] = "off"
 
 
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Evaluation inside training: every ``interval`` steps (0 = never) the driver samples ``k`` responses per
+    problem of ``data`` (read like ``data.path``, with the ``data`` section's keys and template) from the current
+    weights and logs ``eval/avg@k``, ``eval/pass@1``, ``eval/pass@k``, ``eval/maj@k`` with that step's metrics
+    (``nsr_megatron.evaluation``). ``max_problems`` (0 = all) takes the file's first problems; ``max_new_tokens``
+    0 = ``rollout.max_new_tokens``. The schedule is by step number, so a resumed run keeps it."""
+
+    interval: int = 0
+    data: str = ""
+    k: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 0
+    max_problems: int = 0
+    seed: int = 0
+    correct_threshold: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.interval >= 0, f"eval.interval={self.interval} must be >= 0 (0 = no evaluation).")
+        _require(self.k >= 1, f"eval.k={self.k} must be >= 1.")
+        _require(not self.interval or bool(self.data),
+                 f"eval.interval={self.interval} needs eval.data: the prompt file to evaluate on.")
+
+
 def _default_data() -> DataConfig:
     return DataConfig()
 
@@ -351,6 +376,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 @dataclass(kw_only=True)

@@ -98,7 +98,9 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, smooth: int
     out = Path(out_dir) if out_dir is not None else run_dir / PLOTS_DIR
     out.mkdir(parents=True, exist_ok=True)
     timing_keys = tuple(sorted({k for r in records for k in r if k.startswith("timing/")}))
-    panels = {**RUN_PLOTS, "timing": ("Time per step", "seconds", timing_keys)}
+    eval_keys = tuple(sorted({k for r in records for k in r if k.startswith("eval/") and "@" in k}))
+    panels = {**RUN_PLOTS, "eval": ("Evaluation (eval.data)", "accuracy", eval_keys),
+              "timing": ("Time per step", "seconds", timing_keys)}
     written = []
     for stem, (title, ylabel, keys) in panels.items():
         fig, ax = _new_figure(title, ylabel)
@@ -111,7 +113,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, smooth: int
         if not drawn:
             logger.info("plot_run: no data for %s (%s) in %s; skipped.", stem, ", ".join(keys) or "-", metrics_path)
             continue
-        if drawn > 1 or stem == "timing" or smooth > 1:
+        if drawn > 1 or stem in ("timing", "eval") or smooth > 1:
             ax.legend(fontsize="small")
         path = out / f"{stem}.png"
         fig.savefig(path, format="png")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any
 
 import torch
@@ -44,7 +45,7 @@ def train(config: Any, *, world_size: int = 1, progress: bool | None = None, ann
 
     inputs = preflight(config, world_size=world_size)
     rt = build_runtime(config, inputs, world_size=world_size)
-    run, ckpt = config.run, config.checkpoint
+    run, ckpt, cfg_eval = config.run, config.checkpoint, config.eval
     writer = MetricsWriter(rt.run_dir, resume_step=rt.start_step if rt.resumed else None,
                            overwrite=not rt.resumed) if rt.is_logger else None
     bar = ProgressBar(run.steps, initial_step=rt.start_step, rank=rt.state.rank, enabled=progress, log_every=10)
@@ -54,6 +55,11 @@ def train(config: Any, *, world_size: int = 1, progress: bool | None = None, ann
         for step in range(rt.start_step, run.steps):
             phases.start_step(step + 1)
             metrics = {"step": step + 1, **rl_step(rt, step, phases)}
+            if cfg_eval.interval and (step + 1) % cfg_eval.interval == 0:
+                began = time.perf_counter()
+                with phases("eval"):
+                    metrics.update(evaluate_in_loop(rt, step + 1))
+                metrics["timing/eval"] = time.perf_counter() - began
             if writer is not None:
                 writer.log(step + 1, metrics)
             bar.update(step + 1, metrics)
@@ -100,6 +106,37 @@ def sample_batch(rt: Runtime, step: int, phases: PhaseTimer) -> tuple[list[Sampl
     samples, stats, example, sampler = result
     rt.sampler.load_state_dict(sampler)
     return samples, stats, example
+
+
+def evaluate_in_loop(rt: Runtime, step: int) -> dict[str, float]:
+    """``eval/*`` metrics of the engine's current weights (the driver samples and scores; every rank returns the
+    same dict). Problem i's draws depend on (eval.seed, i) only, so the schedule and values survive a resume."""
+    from nsr_megatron.evaluation import ProblemResult, final_answer, summarize
+    from nsr_megatron.rollout.engine import prompt_seeds
+
+    ev = rt.config.eval
+    out: dict[str, float] = {}
+    if rt.engine is not None and rt.scorer is not None and rt.eval_dataset is not None:
+        data = rt.eval_dataset
+        params = SamplingParams(max_new_tokens=ev.max_new_tokens or rt.config.rollout.max_new_tokens,
+                                temperature=ev.temperature, top_p=ev.top_p, top_k=rt.config.rollout.top_k,
+                                stop_token_ids=rt.stop_token_ids)
+        records = [data[i] for i in range(len(data))]
+        gens, rewards, _, texts = generate_and_score(rt.engine, rt.scorer, rt.tokenizer, records, params, n=ev.k,
+                                                     seeds=prompt_seeds(ev.seed, len(records)))
+        results = []
+        for j, record in enumerate(records):
+            got, said = rewards[j * ev.k : (j + 1) * ev.k], texts[j * ev.k : (j + 1) * ev.k]
+            results.append(ProblemResult(index=record.uid, prompt=record.prompt, answer=record.answer,
+                                         responses=said, rewards=got,
+                                         correct=[r >= ev.correct_threshold for r in got],
+                                         final_answers=[final_answer(t) for t in said],
+                                         response_tokens=[len(g.response_ids) for g in gens[j]]))
+        summary = summarize(results, ev.k)
+        keys = [f"avg@{ev.k}", "pass@1", f"pass@{ev.k}", f"maj@{ev.k}", "mean_response_tokens"]
+        out = {f"eval/{k}": summary[k] for k in keys}
+        log.info("step %d eval: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in out.items()))
+    return dict(_announce(out))
 
 
 def _announce(message: Any) -> Any:

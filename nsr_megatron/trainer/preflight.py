@@ -52,6 +52,7 @@ class RunInputs:
     dataset: PromptDataset
     stop_token_ids: tuple[int, ...]
     resume_from: Path | None  # the checkpoint checkpoint.resume=auto continues from
+    eval_dataset: PromptDataset | None = None  # eval.data, when eval.interval > 0
 
 
 def preflight(config: Config, *, world_size: int) -> RunInputs:
@@ -76,10 +77,22 @@ def preflight(config: Config, *, world_size: int) -> RunInputs:
     _check_reward(config)
     dataset = _load_dataset(config, tokenizer)
     _check_batch_and_lengths(config, arch, dataset)
+    eval_dataset = None
+    if config.eval.interval:
+        import dataclasses
+
+        eval_config = dataclasses.replace(config, data=dataclasses.replace(
+            config.data, path=config.eval.data, max_samples=config.eval.max_problems or None, shuffle=False))
+        try:
+            eval_dataset = _load_dataset(eval_config, tokenizer)
+        except ConfigError as exc:
+            text = str(exc)
+            raise ConfigError(text.replace("data.path=", "eval.data=") if "data.path=" in text
+                              else f"eval.data={config.eval.data!r}: {text}") from None
     for message in ignored_settings(config):
         log.warning("%s", message)
     return RunInputs(arch=arch, tokenizer=tokenizer, dataset=dataset, resume_from=resume_from,
-                     stop_token_ids=stop_token_ids(hf_dir, tokenizer, arch.vocab_size))
+                     stop_token_ids=stop_token_ids(hf_dir, tokenizer, arch.vocab_size), eval_dataset=eval_dataset)
 
 
 # ------------------------------------------------------------------------------------------------ model

@@ -50,6 +50,7 @@ class Runtime:
     policy: ModelBundle
     export: HFExport  # the policy's weights as HF tensors, gathered group-locally onto the driver
     reference: ModelBundle | None = None
+    eval_dataset: PromptDataset | None = None  # eval.data (eval.interval > 0)
     stop_token_ids: tuple[int, ...] = ()
     routing_log: RoutingLog | None = None  # routing.jsonl (profile.routing=full, the logging rank)
     routed_experts: bool = False  # the engine returns each token's experts (routing profiler, R3 replay)
@@ -238,6 +239,7 @@ def build_runtime(config: Config, inputs: RunInputs, *, world_size: int) -> Runt
         run_dir=run_dir,
         tokenizer=inputs.tokenizer,
         dataset=inputs.dataset,
+        eval_dataset=inputs.eval_dataset,
         sampler=sampler,
         scorer=RewardScorer(config.reward) if state.rank == 0 else None,
         engine=BACKENDS[config.rollout.backend](config, state, run_dir) if state.rank == 0 else None,

@@ -63,3 +63,26 @@ def test_eval_refuses_bad_input(trained: Path, tmp_path: Path) -> None:
                    str(tmp_path / "x.json"), "optimizer.lr=1")
     assert proc.returncode == 2 and "eval takes overrides of data.*, reward.*, rollout.* and model.* only" in \
         proc.stderr
+
+
+def test_evaluation_inside_training_survives_a_resume(trained: Path, tmp_path: Path) -> None:
+    from tests.e2e.test_rl_loop import read_metrics
+
+    data = trained / "data" / "echo.jsonl"
+    common = ["--no-progress", "rollout.prompts_per_step=8", "rollout.samples_per_prompt=4", "eval.interval=2",
+              f"eval.data={data}", "eval.k=2", "eval.max_problems=12", "checkpoint.save_interval=2",
+              "optimizer.lr_schedule=constant"]  # the same schedule whatever run.steps says
+    straight = tmp_path / "straight"
+    _ok(run_cli("quickstart", f"run.run_dir={straight}", "run.steps=4", *common))
+    rows = read_metrics(straight)
+    assert [r["step"] for r in rows if "eval/pass@1" in r] == [2, 4]
+    assert all(r["eval/pass@1"] == r["eval/avg@2"] and 0 <= r["eval/pass@2"] <= 1 for r in rows if "eval/pass@1" in r)
+    assert (straight / "plots" / "eval.png").is_file()
+
+    resumed = tmp_path / "resumed"
+    _ok(run_cli("quickstart", f"run.run_dir={resumed}", "run.steps=2", *common))
+    _ok(run_cli("quickstart", f"run.run_dir={resumed}", "run.steps=4", "checkpoint.resume=auto", *common))
+    again = read_metrics(resumed)
+    keys = ["eval/avg@2", "eval/pass@1", "eval/pass@2", "eval/maj@2"]
+    assert [r["step"] for r in again] == [1, 2, 3, 4]
+    assert [[r.get(k) for k in keys] for r in again] == [[r.get(k) for k in keys] for r in rows]

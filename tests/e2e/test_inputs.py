@@ -241,3 +241,11 @@ def test_the_user_sees_one_line_and_no_traceback(model: Path, tmp_path: Path) ->
     assert lines == [f"nsr-megatron: config error: data.path='{tmp_path / 'missing.jsonl'}' does not exist or is "
                      f"not a file; point it at a .jsonl or .parquet file of prompts."]
     assert not (tmp_path / "r").exists()  # nothing was started
+
+
+def test_in_loop_evaluation_needs_its_data(model: Path, data: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    msg = refused(capsys, *base(model, data, tmp_path / "r", "eval.interval=5"))
+    assert "eval.interval=5 needs eval.data" in msg
+    msg = refused(capsys, *base(model, data, tmp_path / "r", "eval.interval=5", f"eval.data={tmp_path}/none.jsonl"))
+    assert "eval.data=" in msg and "none.jsonl' does not exist" in msg
