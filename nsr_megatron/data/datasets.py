@@ -52,6 +52,10 @@ class DataConfig:
             (None: keep all; the trainer then refuses a prompt that leaves no room for the response).
         shuffle: shuffle each epoch (``EpochSampler``).
         seed: shuffling seed.
+        template: wrap a string prompt (a benchmark's bare ``problem``) in a math instruction, as the paper's
+            baselines prompt: ``qwen-math`` (Qwen2.5-Math's system message "Please reason step by step, and put
+            your final answer within \\boxed{}."), ``dapo`` (DAPO's step-by-step instruction around the problem,
+            with the last line ``Answer: \\boxed{...}``, so the ``math`` reward reads it), or ``""`` (as it is).
     """
 
     path: str = ""
@@ -65,8 +69,11 @@ class DataConfig:
     max_prompt_tokens: int | None = None
     shuffle: bool = True
     seed: int = 0
+    template: str = ""
 
     def __post_init__(self) -> None:
+        if self.template not in PROMPT_TEMPLATES:
+            raise ValueError(f"DataConfig.template={self.template!r} is not one of {sorted(PROMPT_TEMPLATES)}.")
         if self.format not in FORMATS:
             raise ValueError(f"DataConfig.format={self.format!r} is not one of {FORMATS}.")
         if self.path:
@@ -155,6 +162,23 @@ def to_messages(prompt: Any, system_prompt: str | None = None) -> list[dict[str,
     if system_prompt is not None and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system_prompt})
     return messages
+
+
+QWEN_MATH_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+DAPO_INSTRUCTION = ("Solve the following math problem step by step. The last line of your response should be of the "
+                    "form Answer: \\boxed{{$Answer}} where $Answer is the answer to the problem.\n\n{problem}\n\n"
+                    "Remember to put your answer on its own line after \"Answer:\".")
+PROMPT_TEMPLATES = {"": "as it is", "qwen-math": "Qwen2.5-Math's system message",
+                    "dapo": "DAPO's instruction, boxed answer"}
+
+
+def apply_template(template: str, problem: str) -> Any:
+    """A benchmark problem as the prompt of ``template`` (a string, or chat messages)."""
+    if template == "qwen-math":
+        return [{"role": "system", "content": QWEN_MATH_SYSTEM}, {"role": "user", "content": problem}]
+    if template == "dapo":
+        return DAPO_INSTRUCTION.format(problem=problem)
+    return problem
 
 
 def to_answer(value: Any) -> str:
@@ -283,6 +307,11 @@ class PromptDataset:
         if not isinstance(raw, Mapping):
             raise RecordError(f"expected a JSON object, got a {type(raw).__name__}")
         raw_prompt = _field(raw, self.config.prompt_key, "prompt_key")
+        if self.config.template:
+            if not isinstance(raw_prompt, str):
+                raise RecordError(f"data.template={self.config.template!r} wraps a string prompt (a problem), and "
+                                  f"this one is a {type(raw_prompt).__name__}; use template '' for chat messages")
+            raw_prompt = apply_template(self.config.template, raw_prompt)
         messages = to_messages(raw_prompt, self.config.system_prompt)
         answer = to_answer(_field(raw, self.config.answer_key, "answer_key"))
         try:

@@ -276,3 +276,29 @@ def test_synthetic_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
           "--tokenizer-dir", str(tmp_path / "tok")])
     assert len((tmp_path / "c.jsonl").read_text().splitlines()) == 8
     assert (tmp_path / "tok" / "tokenizer.json").is_file() and "wrote 8 records" in capsys.readouterr().out
+
+
+def test_benchmark_jsonl_with_the_baselines_prompt_templates(tmp_path: Path) -> None:
+    """AIME / AMC / MATH-500-style records: problem, answer (a number or a string), other fields ignored."""
+    from nsr_megatron.data.datasets import QWEN_MATH_SYSTEM
+    from nsr_megatron.rewards import math_reward
+
+    rows = [{"id": "2024-I-1", "problem": "Find $x$ if $2x = 10$.", "answer": 5, "source": "aime24"},
+            {"problem": "What is $\\frac{1}{2} + \\frac{1}{4}$?", "answer": "\\frac{3}{4}", "level": 2}]
+    path = _write_lines(tmp_path / "aime.jsonl", [json.dumps(r) for r in rows])
+    qwen = PromptDataset(DataConfig(path=str(path), prompt_key="problem", template="qwen-math"))
+    assert [r.answer for r in qwen.records] == ["5", "\\frac{3}{4}"]
+    assert qwen[0].messages == [{"role": "system", "content": QWEN_MATH_SYSTEM},
+                                {"role": "user", "content": rows[0]["problem"]}]
+    assert qwen[0].prompt.endswith("user: Find $x$ if $2x = 10$.\nassistant:")  # no chat template: plain join
+    dapo = PromptDataset(DataConfig(path=str(path), prompt_key="problem", template="dapo"))
+    assert dapo[1].prompt.startswith("Solve the following math problem step by step.")
+    assert rows[1]["problem"] in dapo[1].prompt and 'after "Answer:"' in dapo[1].prompt
+    # A response that follows either instruction scores with the math reward.
+    assert math_reward("2x = 10, so x = 5.\nAnswer: \\boxed{5}", qwen[0].answer) == 1.0
+    with pytest.raises(ValueError, match="is not one of"):
+        DataConfig(path=str(path), template="llama")
+    chat = _write_lines(tmp_path / "chat.jsonl", [json.dumps({"prompt": [{"role": "user", "content": "x"}],
+                                                              "answer": "1"})])
+    with pytest.raises(ValueError, match="wraps a string prompt"):
+        PromptDataset(DataConfig(path=str(chat), template="dapo"))
