@@ -10,6 +10,7 @@ Subcommands:
   report      render a run's report (report.md: summary, plots, routing)
   eval        avg@k, pass@1..k and maj@k of an HF model or a training checkpoint on a prompt file
   plan        per-GPU memory of a layout on a cluster (parameters, gradients, optimizer, activations, rollout)
+  compare     losses x seeds, resumable: mean curves with 95% intervals, a table of final and best values
 
 Every subcommand also runs under ``torchrun`` (any TP / PP / EP the world size allows).
 """
@@ -234,6 +235,55 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n| "
           + " | ".join(f"{summary[k]:.4f}" for k in keys) + " |")
     print(f"eval: wrote {out_path}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Train every (loss, seed) in turn, resumably, then aggregate: curves with 95% intervals, a table, a PNG."""
+    import json
+    import subprocess
+
+    from nsr_megatron.losses import PRESETS
+    from nsr_megatron.telemetry.compare import aggregate, plot_comparison, read_runs, table
+    from nsr_megatron.telemetry.status import read_status
+
+    losses = [x.strip() for x in args.losses.split(",") if x.strip()]
+    unknown = [x for x in losses if x not in PRESETS]
+    if unknown or not losses:
+        raise ConfigError(f"--losses {args.losses!r}: unknown {unknown}; choose among {sorted(PRESETS)}.")
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds {args.seeds} must be >= 1.")
+    seeds = list(range(1, args.seeds + 1))
+    out = Path(args.out)
+    load_config(args.config, args.overrides)  # a bad override fails here, not in the first run
+    base = ["train", "--config", args.config] if args.config else ["quickstart", "--task", args.task]
+    runs: dict[str, dict[int, Path]] = {loss: {} for loss in losses}
+    for loss in losses:
+        for seed in seeds:
+            run_dir = out / "runs" / f"{loss}-seed{seed}"
+            runs[loss][seed] = run_dir
+            status = read_status(run_dir) or {}
+            if status.get("phase") == "done":
+                print(f"compare: {loss} seed {seed}: done before, kept ({run_dir})", flush=True)
+                continue
+            print(f"compare: {loss} seed {seed}: training in {run_dir}", flush=True)
+            cmd = [sys.executable, "-m", "nsr_megatron.cli", *base, "--no-progress", *args.overrides,
+                   f"loss.name={loss}", f"run.seed={seed}", f"run.run_dir={run_dir}", "checkpoint.resume=auto"]
+            log = run_dir.parent / f"{loss}-seed{seed}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "a", encoding="utf-8") as f:
+                code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+            if code != 0:
+                print(f"compare: {loss} seed {seed} failed (exit {code}); its log: {log}. Run the same command "
+                      "again to continue from there.", file=sys.stderr)
+                return 1
+    summary = aggregate(read_runs(runs), tail=args.tail)
+    (out / "compare.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    text = table(summary)
+    (out / "compare.md").write_text(f"# {', '.join(losses)} over seeds {seeds}\n\n{text}", encoding="utf-8")
+    png = plot_comparison(summary, out / "compare.png")
+    print(text)
+    print(f"compare: wrote {out / 'compare.md'}, {png} and {out / 'compare.json'}")
     return 0
 
 
@@ -529,6 +579,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a sample is correct when its reward is at least this (default: %(default)s)")
     ev.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     ev.set_defaults(func=cmd_eval)
+
+    cmp = sub.add_parser("compare", help="train losses x seeds (resumably), then curves with 95%% intervals and "
+                         "a table")
+    add_config_args(cmp, None)
+    cmp.add_argument("--losses", default="dapo,nsr,nsr-decay", help="comma-separated loss presets "
+                     "(default: %(default)s)")
+    cmp.add_argument("--seeds", type=int, default=5, help="seeds 1..N per loss (default: %(default)s)")
+    cmp.add_argument("--task", default="echo", help="quickstart task when no --config (default: %(default)s)")
+    cmp.add_argument("--out", default="runs/compare", help="folder for the runs and the results (default: "
+                     "%(default)s)")
+    cmp.add_argument("--tail", type=int, default=0, help="steps in a run's final value (default: the last tenth)")
+    cmp.set_defaults(func=cmd_compare)
 
     plan = sub.add_parser("plan", help="per-GPU memory of a layout on a cluster; does it fit?")
     add_config_args(plan, None)

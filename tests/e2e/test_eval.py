@@ -86,3 +86,22 @@ def test_evaluation_inside_training_survives_a_resume(trained: Path, tmp_path: P
     keys = ["eval/avg@2", "eval/pass@1", "eval/pass@2", "eval/maj@2"]
     assert [r["step"] for r in again] == [1, 2, 3, 4]
     assert [[r.get(k) for k in keys] for r in again] == [[r.get(k) for k in keys] for r in rows]
+
+
+def test_compare_runs_losses_and_seeds_resumably(tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    args = ["compare", "--losses", "dapo,nsr", "--seeds", "2", "--out", str(out), "run.steps=3",
+            "rollout.prompts_per_step=8", "rollout.samples_per_prompt=4", "checkpoint.save_interval=0"]
+    proc = run_cli(*args)
+    _ok(proc)
+    table = (out / "compare.md").read_text()
+    assert "| reward/mean | dapo | 2 |" in table and "| rescue_frac | nsr | 2 |" in table
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # An interrupted comparison continues: only the missing run trains again, and the results are the same.
+    import shutil
+
+    shutil.rmtree(out / "runs" / "nsr-seed2")
+    proc = run_cli(*args)
+    _ok(proc)
+    assert proc.stdout.count("done before, kept") == 3 and "nsr seed 2: training" in proc.stdout
+    assert (out / "compare.md").read_text() == table
