@@ -122,13 +122,15 @@ def _logprob_gap(url: str, token: str, model_dir: Path) -> float:
 
 def test_the_trainer_launches_sglang_engines_trains_and_stops_them(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
+    # 16 groups a step: SGLang's CPU engine ignores sampling seeds, and a step whose groups all score alike
+    # (about 1 in 100 with 16 groups of 4 at the untrained model's 7% reward) has no gradient.
     proc = run_cli("quickstart", "--no-progress", f"run.run_dir={run_dir}", "run.steps=2",
-                   "rollout.prompts_per_step=8", "rollout.samples_per_prompt=4", "rollout.backend=sglang",
+                   "rollout.prompts_per_step=16", "rollout.samples_per_prompt=4", "rollout.backend=sglang",
                    f"rollout.sglang.python={sglang_python()}", f"rollout.sglang.env.PYTHONPATH={STUB}",
                    "profile.routing=counters")
     _ok(proc)
     rows = read_metrics(run_dir)
-    assert len(rows) == 2 and rows[1]["grad_norm"] > 0 and rows[0]["rollout/restarts"] == 0
+    assert len(rows) == 2 and any(r["grad_norm"] > 0 for r in rows) and rows[0]["rollout/restarts"] == 0
     # the profiler runs; SGLang's CPU engine cannot return routed experts, so there is no rollout drift
     assert "routing/entropy" in rows[0] and "routing/drift_rollout_train" not in rows[0]
     assert (run_dir / "engines" / "engine0.log").is_file()
