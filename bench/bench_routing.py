@@ -83,12 +83,7 @@ def main() -> None:
                     times[mode].append(time.perf_counter() - t0)
                     step += 1
         finally:
-            if rt.routing_log is not None:
-                rt.routing_log.close()
-            if rt.scorer is not None:
-                rt.scorer.close()
-            if rt.engine is not None:
-                rt.engine.close()
+            rt.close()
             parallel.destroy()
 
     print(f"{args.cycles} cycles of {len(MODES)} steps, one per mode (after {args.warmup} warm-up steps); ratio: "

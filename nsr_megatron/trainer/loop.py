@@ -72,12 +72,7 @@ def train(config: Any, *, world_size: int = 1, progress: bool | None = None, ann
         phases.mark("done")
     finally:
         bar.close()
-        if rt.routing_log is not None:
-            rt.routing_log.close()
-        if rt.scorer is not None:
-            rt.scorer.close()
-        if rt.engine is not None:
-            rt.engine.close()
+        rt.close()
         if writer is not None:
             writer.close()
     if writer is not None:

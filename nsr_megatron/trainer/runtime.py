@@ -62,6 +62,15 @@ class Runtime:
     def is_logger(self) -> bool:
         return self.state.rank == 0
 
+    def close(self) -> None:
+        """Stop what the run started: the routing log, the reward workers and the rollout engines."""
+        if self.routing_log is not None:
+            self.routing_log.close()
+        if self.scorer is not None:
+            self.scorer.close()
+        if self.engine is not None:
+            self.engine.close()
+
 
 def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int, schedule: str) -> float:
     """Learning rate at optimizer step ``step`` (0-based): linear warm-up, then constant / cosine / linear."""

@@ -81,19 +81,25 @@ def _worker(rank: int, world: int, init: str, hf_dir: str, out: str, layout: dic
     parallel.destroy()
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+def decisive_moe_checkpoint(path: Path) -> Path:
+    """The tiny MoE with its router weights scaled up: decisive routing, no near-ties for rounding to flip."""
     from safetensors.torch import load_file, save_file
 
     from nsr_megatron.models.tiny import create_tiny_hf_checkpoint
 
-    root = tmp_path_factory.mktemp("routing")
-    hf_dir = create_tiny_hf_checkpoint(root / "hf", seed=9, **MOE)
+    hf_dir = create_tiny_hf_checkpoint(path, seed=9, **MOE)
     weights = load_file(hf_dir / "model.safetensors")
     for name in weights:
         if name.endswith("mlp.gate.weight"):
-            weights[name] = weights[name] * 40.0  # decisive routing: no near-ties for rounding to flip
+            weights[name] = weights[name] * 40.0
     save_file(weights, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
+    return hf_dir
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    root = tmp_path_factory.mktemp("routing")
+    hf_dir = decisive_moe_checkpoint(root / "hf")
     out = root / "single"
     out.mkdir()
     run_workers(_worker, 1, str(hf_dir), str(out), {})

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.distributed.test_routing_profiler import MOE, ROWS, S, _batch
+from tests.distributed.test_routing_profiler import ROWS, S, _batch, decisive_moe_checkpoint
 from tests.spawn import run_workers
 
 LAYERS, K, EXPERTS = 2, 2, 4
@@ -104,18 +104,7 @@ def _worker(rank: int, world: int, init: str, hf_dir: str, out: str, layout: dic
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from safetensors.torch import load_file, save_file
-
-    from nsr_megatron.models.tiny import create_tiny_hf_checkpoint
-
-    root = tmp_path_factory.mktemp("replay")
-    path = create_tiny_hf_checkpoint(root / "hf", seed=9, **MOE)
-    weights = load_file(path / "model.safetensors")
-    for name in weights:
-        if name.endswith("mlp.gate.weight"):
-            weights[name] = weights[name] * 40.0  # decisive routing: no near-ties for rounding to flip
-    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
-    return path
+    return decisive_moe_checkpoint(tmp_path_factory.mktemp("replay") / "hf")
 
 
 def _valid_and_known() -> tuple[int, int]:
