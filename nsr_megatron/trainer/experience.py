@@ -28,7 +28,7 @@ class Sample:
 
 
 def dp_shard(samples: list[Sample], dp_rank: int, dp_size: int) -> list[Sample]:
-    """Round-robin split over data-parallel ranks (every rank holds the same full list)."""
+    """Data-parallel rank ``dp_rank``'s round-robin share of ``samples`` (the driver splits a step's samples)."""
     return samples[dp_rank::dp_size]
 
 

@@ -84,23 +84,53 @@ def train(config: Any, *, world_size: int = 1, progress: bool | None = None, ann
     return rt
 
 
-def sample_batch(rt: Runtime, step: int, phases: PhaseTimer) -> tuple[list[Sample], dict[str, float], dict[str, Any]]:
+@dataclasses.dataclass
+class StepSamples:
+    """What one rank trains on in a step: its data-parallel share of the step's samples."""
+
+    mine: list[Sample]  # this rank's share (round-robin over data-parallel ranks)
+    total: int  # samples over every data-parallel rank
+    seq_len: int  # the longest prompt + response among all of them (every rank pads to it)
+
+
+def sample_batch(rt: Runtime, step: int, phases: PhaseTimer) -> tuple[StepSamples, dict[str, float], dict[str, Any]]:
     """Generate G responses per prompt, score them, compute group advantages (DAPO dynamic sampling
     optional: keep only groups with differing rewards, sample more prompts, at most N rounds).
 
-    The driver rank does the work; every rank gets the result (and the data sampler's position). While it
-    works, the driver may ask the others to export the weights for an engine it restarted (``resync``).
-    Returns the samples to train on, the step's rollout metrics, and one scored example (for messages)."""
+    The driver rank does the work; every rank gets the step's metrics (and the data sampler's position) and its
+    own data-parallel share of the samples, not the whole batch. While it works, the driver may ask the others to
+    export the weights for an engine it restarted (``resync``). Returns the rank's samples, the step's rollout
+    metrics, and one scored example (for messages)."""
+    dp_size = rt.state.dp_size
+    shares: list[list[Sample]] | None = None
     if rt.engine is not None:
-        result = (*_sample_on_driver(rt, step, phases), rt.sampler.state_dict())
-        _announce(("done", result))
+        samples, stats, example = _sample_on_driver(rt, step, phases)
+        shares = [dp_shard(samples, d, dp_size) for d in range(dp_size)]
+        seq_len = max((len(s.prompt_ids) + len(s.response_ids) for s in samples), default=0)
+        header = (stats, example, rt.sampler.state_dict(), len(samples), seq_len)
+        _announce(("done", header))
     else:
         while (message := _announce(None))[0] == "resync":
             sync_weights(rt, step)  # the driver pushes the current weights to a restarted engine
-        result = message[1]
-    samples, stats, example, sampler = result
+        header = message[1]
+    stats, example, sampler, total, seq_len = header
     rt.sampler.load_state_dict(sampler)
-    return samples, stats, example
+    return StepSamples(mine=_hand_out(rt, shares), total=total, seq_len=seq_len), stats, example
+
+
+def _hand_out(rt: Runtime, shares: list[list[Sample]] | None) -> list[Sample]:
+    """Each rank's share of the driver's ``shares`` (indexed by data-parallel rank): one scatter from the driver,
+    so no rank receives the samples of another data-parallel rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        assert shares is not None
+        return shares[0]
+    if rt.dp_ranks is None:  # each world rank's data-parallel rank, once
+        ranks: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, rt.state.dp_rank)
+        rt.dp_ranks = [int(r) for r in ranks]
+    box: list[Any] = [None]
+    dist.scatter_object_list(box, [shares[d] for d in rt.dp_ranks] if shares is not None else None, src=0)
+    return list(box[0])
 
 
 def evaluate_in_loop(rt: Runtime, step: int) -> dict[str, float]:
@@ -218,23 +248,22 @@ def _sample_on_driver(rt: Runtime, step: int, phases: PhaseTimer
 def rl_step(rt: Runtime, step: int, phases: PhaseTimer) -> dict[str, float | None]:
     """One RL step; returns the step's global metrics (identical on every rank)."""
     cfg = rt.config
-    samples, metrics, example = sample_batch(rt, step, phases)
+    batch, metrics, example = sample_batch(rt, step, phases)
     _watch_learning_signal(rt, step, metrics, example)
     if _colocated(rt):  # engines on the training GPUs give their memory to training until the weight sync
         rt.engine.release_memory()  # type: ignore[union-attr]
     # Every data-parallel rank needs a sample for each optimizer step, or the ranks would disagree on the steps.
-    steps_here = min(cfg.algorithm.mini_batches, len(samples) // rt.state.dp_size)
+    steps_here = min(cfg.algorithm.mini_batches, batch.total // rt.state.dp_size)
     if steps_here == 0:
         rt.counters["rollout/empty_steps"] += 1
         log.warning("step %d trained nothing: %s. The run goes on (rollout/empty_steps=%d).", step + 1,
-                    f"dynamic sampling kept no group in {int(metrics['rollout/rounds'])} rounds" if not samples else
-                    f"{len(samples)} samples cannot feed {rt.state.dp_size} data-parallel ranks",
+                    f"dynamic sampling kept no group in {int(metrics['rollout/rounds'])} rounds" if not batch.total
+                    else f"{batch.total} samples cannot feed {rt.state.dp_size} data-parallel ranks",
                     rt.counters["rollout/empty_steps"])
         return {**metrics, **_NOT_TRAINED, **_counters(rt), **phases.timings()}
-    mine = dp_shard(samples, rt.state.dp_rank, rt.state.dp_size)
+    mine = batch.mine
     pack = dict(max_tokens=cfg.algorithm.max_tokens_per_micro_batch, pad_id=_pad_id(rt),
-                seq_multiple=cfg.parallel.tp if cfg.parallel.sequence_parallel else 1,
-                seq_len=max(len(s.prompt_ids) + len(s.response_ids) for s in samples))
+                seq_multiple=cfg.parallel.tp if cfg.parallel.sequence_parallel else 1, seq_len=batch.seq_len)
     # Old (and reference) log-probs of every sample come from the weights that generated them: all of
     # them are computed before the first optimizer step of this RL step.
     with phases("logprobs"):

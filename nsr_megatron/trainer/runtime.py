@@ -54,6 +54,7 @@ class Runtime:
     stop_token_ids: tuple[int, ...] = ()
     routing_log: RoutingLog | None = None  # routing.jsonl (profile.routing=full, the logging rank)
     routed_experts: bool = False  # the engine returns each token's experts (routing profiler, R3 replay)
+    dp_ranks: list[int] | None = None  # each world rank's data-parallel rank (the driver's hand-out of samples)
     start_step: int = 0
     resumed: bool = False
     counters: dict[str, float] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0.0))

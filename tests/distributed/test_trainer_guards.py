@@ -48,8 +48,8 @@ def _micro(rt: Any, step: int) -> list[dict[str, torch.Tensor]]:
     from nsr_megatron.trainer import loop
     from nsr_megatron.trainer.experience import pack_micro_batches
 
-    samples, _, _ = loop.sample_batch(rt, step, _phases(rt))
-    micro = pack_micro_batches(samples, max_tokens=4096, pad_id=0)
+    batch, _, _ = loop.sample_batch(rt, step, _phases(rt))
+    micro = pack_micro_batches(batch.mine, max_tokens=4096, pad_id=0)
     loop._attach_logprobs(rt, micro)
     return micro
 
