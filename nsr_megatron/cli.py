@@ -172,7 +172,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from nsr_megatron.config import read_hf_config
-    from nsr_megatron.evaluation import ProblemResult, final_answer, generate_and_score, summarize
+    from nsr_megatron.evaluation import ProblemResult, generate_and_score, problem_results, summarize
     from nsr_megatron.models.hf_config import arch_from_hf
     from nsr_megatron.rewards import RewardScorer
     from nsr_megatron.rollout import SamplingParams
@@ -207,14 +207,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     records = [dataset[i] for i in range(start, min(len(dataset), start + args.batch))]
                     gens, rewards, _, texts = generate_and_score(engine, scorer, tokenizer, records, params,
                                                                  n=args.k, seeds=seeds[start : start + len(records)])
-                    for j, (record, group) in enumerate(zip(records, gens, strict=True)):
-                        got = rewards[j * args.k : (j + 1) * args.k]
-                        said = texts[j * args.k : (j + 1) * args.k]
-                        results.append(ProblemResult(
-                            index=record.uid, prompt=record.prompt, answer=record.answer, responses=said,
-                            rewards=got, correct=[r >= args.correct_threshold for r in got],
-                            final_answers=[final_answer(t) for t in said],
-                            response_tokens=[len(g.response_ids) for g in group]))
+                    results += problem_results(records, gens, rewards, texts, args.k, args.correct_threshold)
                     bar.update(len(records))
                 bar.close()
         finally:

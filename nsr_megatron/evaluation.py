@@ -21,7 +21,8 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["ProblemResult", "final_answer", "generate_and_score", "majority_correct", "pass_at_k", "summarize"]
+__all__ = ["ProblemResult", "final_answer", "generate_and_score", "majority_correct", "pass_at_k", "problem_results",
+           "summarize"]
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -75,6 +76,19 @@ class ProblemResult:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def problem_results(records: Sequence[Any], gens: Sequence[Sequence[Any]], rewards: Sequence[float],
+                    texts: Sequence[str], k: int, correct_threshold: float = 1.0) -> list[ProblemResult]:
+    """Per-problem results from :func:`generate_and_score`'s output (``k`` samples per record)."""
+    out = []
+    for j, record in enumerate(records):
+        got, said = list(rewards[j * k : (j + 1) * k]), list(texts[j * k : (j + 1) * k])
+        out.append(ProblemResult(index=record.uid, prompt=record.prompt, answer=record.answer, responses=said,
+                                 rewards=got, correct=[r >= correct_threshold for r in got],
+                                 final_answers=[final_answer(t) for t in said],
+                                 response_tokens=[len(g.response_ids) for g in gens[j]]))
+    return out
 
 
 def summarize(results: Sequence[ProblemResult], k: int) -> dict[str, float]:

@@ -136,7 +136,7 @@ def _hand_out(rt: Runtime, shares: list[list[Sample]] | None) -> list[Sample]:
 def evaluate_in_loop(rt: Runtime, step: int) -> dict[str, float]:
     """``eval/*`` metrics of the engine's current weights (the driver samples and scores; every rank returns the
     same dict). Problem i's draws depend on (eval.seed, i) only, so the schedule and values survive a resume."""
-    from nsr_megatron.evaluation import ProblemResult, final_answer, summarize
+    from nsr_megatron.evaluation import problem_results, summarize
     from nsr_megatron.rollout.engine import prompt_seeds
 
     ev = rt.config.eval
@@ -149,15 +149,7 @@ def evaluate_in_loop(rt: Runtime, step: int) -> dict[str, float]:
         records = [data[i] for i in range(len(data))]
         gens, rewards, _, texts = generate_and_score(rt.engine, rt.scorer, rt.tokenizer, records, params, n=ev.k,
                                                      seeds=prompt_seeds(ev.seed, len(records)))
-        results = []
-        for j, record in enumerate(records):
-            got, said = rewards[j * ev.k : (j + 1) * ev.k], texts[j * ev.k : (j + 1) * ev.k]
-            results.append(ProblemResult(index=record.uid, prompt=record.prompt, answer=record.answer,
-                                         responses=said, rewards=got,
-                                         correct=[r >= ev.correct_threshold for r in got],
-                                         final_answers=[final_answer(t) for t in said],
-                                         response_tokens=[len(g.response_ids) for g in gens[j]]))
-        summary = summarize(results, ev.k)
+        summary = summarize(problem_results(records, gens, rewards, texts, ev.k, ev.correct_threshold), ev.k)
         keys = [f"avg@{ev.k}", "pass@1", f"pass@{ev.k}", f"maj@{ev.k}", "mean_response_tokens"]
         out = {f"eval/{k}": summary[k] for k in keys}
         log.info("step %d eval: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in out.items()))
