@@ -171,7 +171,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from nsr_megatron.config import read_hf_config
     from nsr_megatron.evaluation import ProblemResult, generate_and_score, problem_results, summarize
     from nsr_megatron.models.hf_config import arch_from_hf
     from nsr_megatron.rewards import RewardScorer

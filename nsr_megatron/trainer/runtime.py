@@ -156,8 +156,6 @@ def wants_routed_experts(config: Config, arch: ArchSpec) -> bool:
     """Whether the rollout engine must return each token's experts: for the routing profiler's rollout drift and
     for R3 replay (MoE models only). SGLang returns them only on CUDA: on CPU the profiler goes without
     ``routing/drift_rollout_train`` (and preflight refuses R3)."""
-    import torch
-
     if config.rollout.backend == "sglang" and not torch.cuda.is_available():
         return False
     return arch.is_moe and (config.profile.routing != "off" or config.algorithm.routing_replay == "R3")

@@ -31,6 +31,7 @@ import pytest
 import torch
 
 from nsr_megatron.rollout.pool import EngineLauncher, EnginePool, sglang_launchers
+from nsr_megatron.rollout.weight_sync import free_port
 from tests.e2e.test_engine_pool import call, hf_tensors
 from tests.e2e.test_rl_loop import _ok, read_metrics, run_cli
 from tests.helpers import echo_rows, make_tiny_model, write_jsonl
@@ -187,7 +188,7 @@ def project_server(tmp_path: Path) -> Iterator[tuple[str, str]]:
     """(url, token) of the project's server on the same tiny model as ``sglang_engine`` (model seed 3)."""
     token = secrets.token_hex(8)
     model = make_tiny_model(tmp_path / "hf", seed=3)
-    port = _free_port()
+    port = free_port()
     launcher = EngineLauncher(command=[sys.executable, "-m", "nsr_megatron.rollout.server", "--model-path",
                                        str(model), "--port", str(port), "--api-key", token],
                               url=f"http://127.0.0.1:{port}", log_path=tmp_path / "server.log")
@@ -196,12 +197,6 @@ def project_server(tmp_path: Path) -> Iterator[tuple[str, str]]:
         yield launcher.url, token
     finally:
         pool.close()
-
-
-def _free_port() -> int:
-    from nsr_megatron.rollout.weight_sync import free_port
-
-    return free_port()
 
 
 def test_contract_generate(any_server: tuple[str, str, str]) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from nsr_megatron.rollout.weight_sync import free_port
 from tests.e2e.test_rl_loop import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,17 +46,11 @@ def cluster() -> None:
 
 def _submit(run_dir: Path, out: Path, *, wait: bool) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "NSR_CPU": "1", "NSR_CONFIG": "quickstart", "NSR_RUN_DIR": str(run_dir),
-           "NSR_PYTHON": sys.executable, "NSR_OVERRIDES": OVERRIDES, "MASTER_PORT": str(_free_port())}
+           "NSR_PYTHON": sys.executable, "NSR_OVERRIDES": OVERRIDES, "MASTER_PORT": str(free_port())}
     cmd = ["sbatch", "--parsable", f"--job-name=nsr-test-{uuid.uuid4().hex[:8]}", "--nodes=1", "--gpus-per-node=0",
            "--cpus-per-task=2", "--time=00:20:00", f"--output={out}"]
     return subprocess.run([*cmd, *(["--wait"] if wait else []), str(SBATCH)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
-
-
-def _free_port() -> int:
-    from nsr_megatron.rollout.weight_sync import free_port
-
-    return free_port()
 
 
 def _job_gone(job: str) -> bool:
