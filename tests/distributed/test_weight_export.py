@@ -3,7 +3,8 @@
 Two gloo ranks load an HF checkpoint sharded (TP=2 + sequence parallel, EP=2, PP=2) and export it: rank 0 gets
 every HF tensor of the checkpoint back, bitwise, in bucket order; rank 1 gets nothing. No collective over the whole
 world runs during the export (only the gathers of each tensor's own group and sends to rank 0). On a larger model
-rank 0's peak resident memory during the export grows by less than two buckets plus the largest tensor.
+rank 0's peak resident memory during the export grows by less than two buckets plus the largest tensor (plus a
+fixed 2 MiB for what is not tensor data: allocator pages, gloo's receive buffers, Python objects).
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ BIG = dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], vocab_
            intermediate_size=512, moe_intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
            num_key_value_heads=2, head_dim=64, num_experts=16, num_experts_per_tok=2, max_position_embeddings=64)
 BUCKET = 4 << 20
+SLACK = 2 << 20  # not tensor data: the allocator's page-granular arenas, gloo's buffers, Python objects
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -139,7 +141,7 @@ def _memory_worker(rank: int, world: int, init: str, hf_dir: str, out: str, layo
     grew = _peak_rss_bytes() - base
     largest = max(4 * _numel(r.shape) for r in export.rules)  # the largest full (canonical) tensor, fp32
     with open(os.path.join(out, f"mem{rank}.json"), "w", encoding="utf-8") as f:
-        json.dump({"grew": grew, "largest": largest}, f)
+        json.dump({"grew": grew, "largest": largest, "total": sum(4 * _numel(r.shape) for r in export.rules)}, f)
     parallel.destroy()
 
 
@@ -149,7 +151,8 @@ def test_export_memory_stays_within_two_buckets_and_the_largest_tensor(tmp_path:
     hf_dir = create_tiny_hf_checkpoint(tmp_path / "big", seed=7, **BIG)  # ~60 MB of fp32 weights
     run_workers(_memory_worker, 2, str(hf_dir), str(tmp_path), {"ep": 2})
     got = json.loads((tmp_path / "mem0.json").read_text())
-    limit = 2 * BUCKET + got["largest"]
+    limit = 2 * BUCKET + got["largest"] + SLACK
     assert got["largest"] > BUCKET  # the experts of a layer exceed a bucket: the bound is not trivial
+    assert limit < got["total"] / 2  # gathering the whole model (or half of it) at once would break the bound
     print(f"rank 0 peak RSS grew {got['grew'] / 2**20:.1f} MiB; limit {limit / 2**20:.1f} MiB")
     assert got["grew"] <= limit, f"rank 0's peak RSS grew {got['grew'] / 2**20:.1f} MiB > {limit / 2**20:.1f} MiB"
