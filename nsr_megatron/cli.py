@@ -33,6 +33,7 @@ from nsr_megatron.config import Config, ConfigError, SmokeConfig, load_config, r
 
 log = logging.getLogger("nsr_megatron")
 
+QUICKSTART_EVAL_PROBLEMS = 32  # problems in a generated held-out set (eval.data: generate)
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # the built-in quickstart and smoke configs
 
 
@@ -247,7 +248,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise ConfigError(f"--seeds {args.seeds} must be >= 1.")
     seeds = list(range(1, args.seeds + 1))
     out = Path(args.out)
-    load_config(args.config, args.overrides)  # a bad override fails here, not in the first run
+    load_config(args.config or task_config(args.task), args.overrides)  # a bad override fails here, not later
     base = ["train", "--config", args.config] if args.config else ["quickstart", "--task", args.task]
     runs: dict[str, dict[int, Path]] = {loss: {} for loss in losses}
     for loss in losses:
@@ -377,11 +378,28 @@ def _wait_for(path: Path, timeout_s: float = 600.0) -> None:
         time.sleep(0.2)
 
 
+def task_config(task: str) -> str:
+    """The built-in config of a synthetic task: ``configs/<task>.yaml`` where one exists (``repeat``), else the
+    quickstart's."""
+    own = CONFIGS_DIR / f"{task}.yaml"
+    return str(own if own.is_file() and task != "smoke" else CONFIGS_DIR / "quickstart.yaml")
+
+
+def _write_once(path: Path, records: list[dict[str, str]]) -> None:
+    from nsr_megatron.data.synthetic import write_jsonl
+
+    if _rank() == 0 and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(records, path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)
+    _wait_for(path)
+
+
 def prepare_quickstart(config: Config, *, task: str, num_prompts: int, where: Path | None = None) -> Config:
     """Fill in what the quickstart generates: a tiny random HF checkpoint (with the synthetic tokenizer)
-    and a synthetic task's JSONL, in ``where`` (default: the run directory). Rank 0 writes them atomically;
-    the other ranks wait for them."""
-    from nsr_megatron.data.synthetic import generate, write_jsonl
+    and a synthetic task's JSONL, in ``where`` (default: the run directory); with ``eval.data: generate`` also a
+    held-out set of the task (another seed). Rank 0 writes them atomically; the other ranks wait for them."""
+    from nsr_megatron.data.synthetic import generate
     from nsr_megatron.data.tokenizer import save_synthetic_tokenizer
     from nsr_megatron.models.tiny import create_tiny_hf_checkpoint
 
@@ -398,12 +416,12 @@ def prepare_quickstart(config: Config, *, task: str, num_prompts: int, where: Pa
         config.model.hf_path = str(hf_dir)
     if not config.data.path:
         data = root / "data" / f"{task}.jsonl"
-        if _rank() == 0 and not data.exists():
-            data.parent.mkdir(parents=True, exist_ok=True)
-            write_jsonl(generate(task, num_prompts, seed=config.data.seed), data.with_suffix(".tmp"))
-            os.replace(data.with_suffix(".tmp"), data)
-        _wait_for(data)
+        _write_once(data, generate(task, num_prompts, seed=config.data.seed))
         config.data.path = str(data)
+    if config.eval.data == "generate":
+        held_out = root / "data" / f"{task}-eval.jsonl"
+        _write_once(held_out, generate(task, QUICKSTART_EVAL_PROBLEMS, seed=config.data.seed + 1))
+        config.eval.data = str(held_out)
     return config
 
 
@@ -411,8 +429,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from nsr_megatron import parallel
     from nsr_megatron.trainer.loop import train
 
-    config: Config = load_config(args.config, args.overrides)
-    if getattr(args, "quickstart", False):
+    quickstart = getattr(args, "quickstart", False)
+    config: Config = load_config(args.config or (task_config(args.task) if quickstart else None), args.overrides)
+    if quickstart:
         config = prepare_quickstart(config, task=args.task, num_prompts=args.num_prompts)
     try:
         rt = train(config, world_size=_world_size(), progress=False if args.no_progress else None)
@@ -509,8 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train, quickstart=False)
 
     quick = sub.add_parser("quickstart", help="RL with NSR on a synthetic task from a tiny random model")
-    add_config_args(quick, str(CONFIGS_DIR / "quickstart.yaml"))
-    quick.add_argument("--task", default="echo", help="synthetic task: echo | successor | add (default: %(default)s)")
+    add_config_args(quick, None)
+    quick.add_argument("--task", default="echo", help="synthetic task: echo | successor | add | repeat (default: "
+                       "%(default)s); the config defaults to configs/repeat.yaml for repeat, else quickstart.yaml")
     quick.add_argument("--num-prompts", type=int, default=1024, help="prompts in the generated data set")
     quick.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     quick.set_defaults(func=cmd_train, quickstart=True)

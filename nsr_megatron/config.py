@@ -338,7 +338,8 @@ class EvalConfig:
     problem of ``data`` (read like ``data.path``, with the ``data`` section's keys and template) from the current
     weights and logs ``eval/avg@k``, ``eval/pass@1``, ``eval/pass@k``, ``eval/maj@k`` with that step's metrics
     (``nsr_megatron.evaluation``). ``max_problems`` (0 = all) takes the file's first problems; ``max_new_tokens``
-    0 = ``rollout.max_new_tokens``. The schedule is by step number, so a resumed run keeps it."""
+    0 = ``rollout.max_new_tokens``. The schedule is by step number, so a resumed run keeps it. ``data: generate``
+    (the quickstart only) writes a held-out set of the synthetic task, drawn with ``data.seed + 1``."""
 
     interval: int = 0
     data: str = ""

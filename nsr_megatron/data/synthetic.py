@@ -1,11 +1,17 @@
 """Synthetic verifiable tasks for the quickstart and the tests.
 
-Tasks (one answer digit each; all symbols are in the tokenizer of ``data/tokenizer.py``):
+Tasks (all symbols are in the tokenizer of ``data/tokenizer.py``):
 
 * ``echo``:      ``7=``   -> ``7``   easy: in a reference run from a random tiny MoE, reward 0.31 -> 0.98
                                     in 100 steps
 * ``successor``: ``7+1=`` -> ``8``   the next digit, mod 10
 * ``add``:       ``3+9=`` -> ``2``   (a + b) mod 10; hard: the reference run stays at chance (0.09) after 150 steps
+* ``repeat``:    ``7*=``  -> ``777777777777``   the digit ``REPEAT_LENGTH`` (12) times: the task where clipping
+                                    matters (``configs/repeat.yaml``: 12-token responses, 8 optimizer steps per
+                                    rollout batch). The ``synthetic`` reward scores the fraction of the answer's
+                                    positions the response gets right, so every position learned earns reward; a
+                                    reference run goes 0.04 -> 0.9 in 100 steps while 5-13% of the tokens are
+                                    clipped.
 
 Records are ``{"prompt", "answer", "task"}`` and are generated deterministically from a seed. A curriculum is a
 mix of tasks with weights (``generate_mixture``), e.g. ``curriculum(n, hard_fraction=0.25)``: 75% ``echo`` and 25%
@@ -43,8 +49,16 @@ def _add(rng: random.Random) -> tuple[str, str]:
     return f"{a}+{b}=", f"{(a + b) % 10}"
 
 
-# name -> generator of one (prompt, answer) pair; easiest first.
-TASKS: dict[str, TaskFn] = {"echo": _echo, "successor": _successor, "add": _add}
+REPEAT_LENGTH = 12
+
+
+def _repeat(rng: random.Random) -> tuple[str, str]:
+    d = rng.randrange(10)
+    return f"{d}*=", str(d) * REPEAT_LENGTH
+
+
+# name -> generator of one (prompt, answer) pair; the one-digit tasks easiest first, then the long answer.
+TASKS: dict[str, TaskFn] = {"echo": _echo, "successor": _successor, "add": _add, "repeat": _repeat}
 
 
 def _check_task(task: str) -> TaskFn:

@@ -8,7 +8,8 @@ by import path) and is a plain module-level function, so a worker process can im
   If math-verify is not installed, a normalised string comparison is used instead and a warning says so once.
 * ``exact_match``: equality after stripping and collapsing whitespace.
 * ``synthetic_reward``: the synthetic tasks (``data/synthetic.py``): the response, with special tokens and
-  whitespace removed, must start with (lenient, the default) or equal (``strict=True``) the answer.
+  whitespace removed, scores the fraction of the answer's positions it gets right (lenient, the default: 1.0 iff it
+  starts with the answer; for a one-digit answer 1 or 0) or 1.0 iff it equals the answer (``strict=True``).
 """
 
 from __future__ import annotations
@@ -129,15 +130,19 @@ def strip_special_tokens(text: str) -> str:
 
 
 def synthetic_reward(response: str, answer: str, strict: bool = False, **_: object) -> float:
-    """Reward of the synthetic tasks: 1.0 if the cleaned response starts with the answer (``strict``: equals it).
+    """Reward of the synthetic tasks, from the response and answer with special tokens and whitespace removed.
 
-    The lenient default scores the first answer symbols, the way the reference measurements of the synthetic tasks were made, so a
-    model that has not yet learned to stop after the digit is still rewarded for the right digit.
+    Lenient (the default): the fraction of the answer's positions where the response has the answer's symbol, so
+    1.0 iff the response starts with the answer. A model that has not yet learned to stop after the answer is not
+    punished, and on the long-answer task (``repeat``) each position it gets right earns its share. ``strict``: 1.0
+    iff the response equals the answer, else 0.0.
     """
     cleaned, target = strip_special_tokens(response), strip_special_tokens(answer)
     if not target:
         raise ValueError(f"synthetic_reward: the answer {answer!r} is empty after removing special tokens.")
-    return float(cleaned == target if strict else cleaned.startswith(target))
+    if strict:
+        return float(cleaned == target)
+    return sum(got == want for got, want in zip(cleaned, target, strict=False)) / len(target)
 
 
 # name -> "module:function" of each built-in reward (an import path, so worker processes can load it).

@@ -78,6 +78,9 @@ def preflight(config: Config, *, world_size: int) -> RunInputs:
     dataset = _load_dataset(config, tokenizer)
     _check_batch_and_lengths(config, arch, dataset)
     eval_dataset = None
+    if config.eval.interval and config.eval.data == "generate":
+        raise ConfigError("eval.data=generate: only `nsr-megatron quickstart` generates a held-out set (of its "
+                          "synthetic task); for `train`, pass eval.data=<a JSONL or Parquet prompt file>.")
     if config.eval.interval:
         import dataclasses
 

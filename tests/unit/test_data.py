@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from nsr_megatron.data import DataConfig, EpochSampler, PromptDataset, get_key_path, render_prompt
-from nsr_megatron.data.synthetic import TASKS, curriculum, generate, generate_mixture, main, write_jsonl
+from nsr_megatron.data.synthetic import REPEAT_LENGTH, TASKS, curriculum, generate, generate_mixture, main, write_jsonl
 from nsr_megatron.data.tokenizer import build_synthetic_tokenizer, save_synthetic_tokenizer
 
 
@@ -235,6 +235,8 @@ def test_sampler_validation() -> None:
 
 
 def _solve(prompt: str) -> str:
+    if prompt.endswith("*="):  # repeat: the digit, REPEAT_LENGTH times
+        return prompt[0] * REPEAT_LENGTH
     expr = prompt.rstrip("=")
     return str(eval(expr) % 10)  # prompts are only digits and '+'
 
@@ -250,6 +252,8 @@ def test_synthetic_tasks_are_correct_and_deterministic(task: str) -> None:
 def test_synthetic_prompt_formats() -> None:
     assert generate("echo", 1, seed=0)[0]["prompt"][1:] == "="
     assert generate("successor", 1, seed=0)[0]["prompt"][1:] == "+1="
+    record = generate("repeat", 1, seed=0)[0]
+    assert record["prompt"][1:] == "*=" and len(record["answer"]) == REPEAT_LENGTH == 12
 
 
 def test_curriculum_mix_and_validation() -> None:

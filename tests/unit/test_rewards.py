@@ -132,6 +132,10 @@ def test_exact_match_and_synthetic_reward() -> None:
     assert synthetic_reward(" 7 7", "7") == 1.0  # lenient: the first symbol counts
     assert synthetic_reward("77", "7", strict=True) == 0.0
     assert synthetic_reward("<eos>", "7") == 0.0
+    # a long answer: the share of its positions right (a wrong symbol costs one position; a short response the rest)
+    assert synthetic_reward("7777", "7777") == 1.0 and synthetic_reward("7 7 7 7 7<eos>", "7777") == 1.0
+    assert synthetic_reward("7377", "7777") == 0.75 and synthetic_reward("77<eos>", "7777") == 0.5
+    assert synthetic_reward("3777", "7777", strict=True) == 0.0 and synthetic_reward("", "7777") == 0.0
 
 
 def test_overlong_penalty_matches_dapo() -> None:
