@@ -303,6 +303,10 @@ class AlgorithmConfig:
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal, sample more prompts
     max_sampling_rounds: int = 3
     old_logprobs: Literal["recompute", "rollout"] = "recompute"
+    # One optimizer step per rollout batch (recompute): the old log-probs are the training forward's own, detached,
+    # so the separate old-log-prob forward is skipped (as TRL does). Not with TIS/MIS, R2 replay or the routing
+    # profiler, which need that forward; false always runs it.
+    on_policy_shortcut: bool = True
     mini_batches: int = 2  # optimizer steps per rollout batch (>1 makes clipping, and NSR, matter)
     # MoE routing replay in the training forward: R2 replays the old-log-prob forward's routing, R3 the rollout
     # engine's (megatron-core's RouterReplay).

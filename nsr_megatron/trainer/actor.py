@@ -226,6 +226,7 @@ def policy_loss_fn(
     global_num_seqs: torch.Tensor,
     scale: float,
     masks_out: dict[int, dict[str, torch.Tensor]] | None = None,
+    old_from_current: bool = False,
 ) -> LossFn:
     """The RL loss on one micro-batch, normalised by the step's global denominators.
 
@@ -233,7 +234,8 @@ def policy_loss_fn(
     gradients over data-parallel ranks; ``scale`` (= micro-batches x data-parallel size) undoes both, so
     the gradient is exactly that of the global loss (LOSSES.md, "Aggregation and normalisation").
     With ``masks_out``, each micro-batch's per-token band / clipped / rescued masks are stored there under its
-    ``mb_key`` (for the routing profiler).
+    ``mb_key`` (for the routing profiler). With ``old_from_current`` the old log-probs are this forward's own,
+    detached (the on-policy shortcut: one optimizer step on a batch from the current weights).
     """
     from nsr_megatron.losses import policy_loss, vocab_parallel_logprobs_entropy
 
@@ -244,10 +246,11 @@ def policy_loss_fn(
         lp, entropy = vocab_parallel_logprobs_entropy(  # [B, T] each
             logits[:, :-1], batch["targets"], group=group, temperature=temperature
         )
+        old = lp.detach() if old_from_current else batch["old_logprobs"]
         loss, sums = policy_loss(
             loss_cfg,
             lp,
-            batch["old_logprobs"],
+            old,
             batch["advantages"],
             batch["mask"],
             sample_ids=batch["sample_ids"],
@@ -264,7 +267,7 @@ def policy_loss_fn(
             masks_out[int(batch["mb_key"])] = {k: v.cpu() for k, v in masks.items()}
         # Masked tokens whose log-probs (current, old, reference or rollout) are NaN / inf: train_step skips.
         nonfinite = torch.zeros(lp.shape, dtype=torch.bool, device=lp.device)
-        for x in (lp.detach(), batch["old_logprobs"], batch.get("ref_logprobs"), batch.get("rollout_logprobs")):
+        for x in (lp.detach(), old, batch.get("ref_logprobs"), batch.get("rollout_logprobs")):
             if x is not None:
                 nonfinite |= ~torch.isfinite(x)
         bad = (nonfinite & (batch["mask"] > 0)).sum().double()

@@ -258,12 +258,13 @@ def rl_step(rt: Runtime, step: int, phases: PhaseTimer) -> dict[str, float | Non
                 seq_multiple=cfg.parallel.tp if cfg.parallel.sequence_parallel else 1, seq_len=batch.seq_len)
     # Old (and reference) log-probs of every sample come from the weights that generated them: all of
     # them are computed before the first optimizer step of this RL step.
+    shortcut = on_policy_shortcut(rt, steps_here)
     with phases("logprobs"):
         batches = [pack_micro_batches(mini, **pack) for mini in mini_batches(mine, steps_here)]
         for k, micro in enumerate(batches):
             for j, mb in enumerate(micro):
                 mb["mb_key"] = torch.tensor(k * 1_000_000 + j)  # names the micro-batch for the routing profiler
-            _attach_logprobs(rt, micro)
+            _attach_logprobs(rt, micro, old=not shortcut)
     sums: list[dict[str, torch.Tensor]] = []
     grad_norms: list[float] = []
     lr = 0.0
@@ -271,12 +272,13 @@ def rl_step(rt: Runtime, step: int, phases: PhaseTimer) -> dict[str, float | Non
     masks: dict[int, dict[str, torch.Tensor]] | None = {} if profiler is not None and profiler.full else None
     with phases("train"):
         for k, micro in enumerate(batches):
-            den = global_sums([loss_denominators(cfg.loss, mb["mask"], old_logprobs=mb["old_logprobs"],
+            den = global_sums([loss_denominators(cfg.loss, mb["mask"], old_logprobs=mb.get("old_logprobs"),
                                                  rollout_logprobs=mb["rollout_logprobs"]) for mb in micro],
                               [actor.data_parallel_group()])
             loss_fn = actor.policy_loss_fn(cfg.loss, step=step, temperature=cfg.rollout.temperature,
                                            global_num_tokens=den["tokens"], global_num_seqs=den["seqs"],
-                                           scale=float(len(micro) * rt.state.dp_size), masks_out=masks)
+                                           scale=float(len(micro) * rt.state.dp_size), masks_out=masks,
+                                           old_from_current=shortcut)
             opt_step = step * cfg.algorithm.mini_batches + k
             lr = lr_at(opt_step, lr=cfg.optimizer.lr, min_lr=cfg.optimizer.min_lr, warmup=cfg.optimizer.warmup_steps,
                        total=cfg.run.steps * cfg.algorithm.mini_batches, schedule=cfg.optimizer.lr_schedule)
@@ -348,19 +350,36 @@ def _pad_id(rt: Runtime) -> int:
     return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id or 0)
 
 
-def _attach_logprobs(rt: Runtime, micro: list[dict[str, torch.Tensor]]) -> None:
-    """Old log-probs (recomputed by the trainer, or the rollout's) and reference log-probs (KL on)."""
+def on_policy_shortcut(rt: Runtime, optimizer_steps: int) -> bool:
+    """Whether this step's old log-probs are taken from the training forward itself (``algorithm.on_policy_shortcut``).
+
+    With one optimizer step per rollout batch and recomputed old log-probs, the old policy is the weights being
+    trained, so ``old = sg(logp)`` of the training forward: the same numbers without a second forward. Not with
+    TIS/MIS (their mask enters the loss's denominators before the step), R2 routing replay (it replays the old
+    forward's routing) or the routing profiler (it measures the drift between the two forwards).
+    """
+    cfg = rt.config
+    return (cfg.algorithm.on_policy_shortcut and optimizer_steps == 1 and cfg.algorithm.old_logprobs == "recompute"
+            and cfg.loss.tis_cap is None and cfg.loss.mis_low is None and cfg.loss.mis_high is None
+            and cfg.algorithm.routing_replay != "R2" and rt.policy.routing is None)
+
+
+def _attach_logprobs(rt: Runtime, micro: list[dict[str, torch.Tensor]], *, old: bool = True) -> None:
+    """Old log-probs (recomputed by the trainer, or the rollout's; none with ``old=False``: the loss takes the
+    training forward's own) and reference log-probs (KL on)."""
     temp = rt.config.rollout.temperature
-    if rt.config.algorithm.old_logprobs == "recompute":
-        old = actor.token_logprobs(rt.policy, micro, temperature=temp)
-    else:
-        old = [mb["rollout_logprobs"] for mb in micro]
+    old_lp: list[torch.Tensor] | None = None
+    if old and rt.config.algorithm.old_logprobs == "recompute":
+        old_lp = actor.token_logprobs(rt.policy, micro, temperature=temp)
+    elif old:
+        old_lp = [mb["rollout_logprobs"] for mb in micro]
     ref = None
     if rt.reference is not None:
         with rt.reference.in_use():  # an offloaded reference comes back to the device for this forward only
             ref = actor.token_logprobs(rt.reference, micro, temperature=temp)
     for i, mb in enumerate(micro):
-        mb["old_logprobs"] = old[i] if old is not None else torch.zeros_like(mb["mask"])
+        if old:
+            mb["old_logprobs"] = old_lp[i] if old_lp is not None else torch.zeros_like(mb["mask"])
         if ref is not None:
             mb["ref_logprobs"] = ref[i]
 

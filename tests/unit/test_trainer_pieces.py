@@ -70,3 +70,22 @@ def test_weight_group_host_is_loopback_only_for_local_engines() -> None:
     assert weight_group_host("", ["http://127.0.0.1:30000", "http://localhost:30001"]) == "127.0.0.1"
     assert weight_group_host("", ["http://node7:30000"]) == socket.getfqdn()  # engines on another node
     assert weight_group_host("10.0.0.5", ["http://node7:30000"]) == "10.0.0.5"
+
+
+def test_the_on_policy_shortcut_applies_only_where_the_old_forward_adds_nothing() -> None:
+    from types import SimpleNamespace
+
+    from nsr_megatron.config import load_config
+    from nsr_megatron.trainer.loop import on_policy_shortcut
+
+    def applies(optimizer_steps: int = 1, routing: object = None, *overrides: str) -> bool:
+        rt = SimpleNamespace(config=load_config(None, list(overrides)), policy=SimpleNamespace(routing=routing))
+        return on_policy_shortcut(rt, optimizer_steps)  # type: ignore[arg-type]
+
+    assert applies()
+    assert not applies(2)  # the second optimizer step trains on a policy that moved: it needs the old forward
+    assert not applies(1, object())  # the routing profiler measures the drift between the two forwards
+    for override in ("algorithm.on_policy_shortcut=false", "algorithm.old_logprobs=rollout", "loss.tis_cap=2.0",
+                     "loss.mis_low=0.5", "loss.mis_high=2.0", "algorithm.routing_replay=R2"):
+        assert not applies(1, None, override), override
+    assert applies(1, None, "algorithm.routing_replay=R3")
