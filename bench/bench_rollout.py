@@ -1,12 +1,13 @@
-"""Rollout throughput: EmbeddedEngine vs transformers' ``model.generate(do_sample=True)``, same model, same batch.
+"""Rollout throughput: EmbeddedEngine (static KV cache, the default; and ``kv_cache="dynamic"``) vs transformers'
+``model.generate(do_sample=True)``, same model, same batch.
 
 Model: the tiny Qwen3-MoE of ``nsr_megatron.models.tiny`` (about 8M parameters: hidden 256, 4 layers, 8 experts
 top-2, moe_intermediate 256, vocab 256), random weights (seed 0), float32. Batch: P prompts of ``--prompt-len``
 random tokens x n samples, exactly ``--new-tokens`` generated per sequence (no stop tokens, so both sides produce
-the same number of tokens). Both run in this process on the same model object, interleaved, ``--repeats`` times
-after one warm-up each, in back-to-back pairs of alternating order. Reported: median tokens/s of each side
-(generated tokens / wall second), the median of the per-pair speed ratios (robust to background load that
-changes between pairs), and best-vs-best.
+the same number of tokens). All run in this process on the same model object, interleaved, ``--repeats`` times
+after one warm-up each, back to back in rotating order. Reported: median tokens/s of each side (generated tokens
+/ wall second), the median of the per-round speed ratios against HF generate and against the dynamic cache
+(robust to background load that changes between rounds), and best-vs-best.
 
 Two sampling settings: plain (T=1) and truncated (T=0.8, top_p=0.95, top_k=50).
 
@@ -54,6 +55,7 @@ def main() -> None:
 
     model = build_model()
     engine = EmbeddedEngine.from_model(model)
+    dynamic = EmbeddedEngine.from_model(model, kv_cache="dynamic")
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(1)
     prompts = torch.randint(3, vocab, (args.prompts, args.prompt_len), generator=gen)
@@ -73,7 +75,7 @@ def main() -> None:
     for label, s in settings.items():
         params = SamplingParams(max_new_tokens=args.new_tokens, **s)
 
-        def run_engine(seed: int, params: SamplingParams = params) -> int:
+        def run_engine(seed: int, params: SamplingParams = params, engine: EmbeddedEngine = engine) -> int:
             groups = engine.generate(prompt_lists, params, n=args.n, seed=seed)
             return sum(len(g.response_ids) for grp in groups for g in grp)
 
@@ -93,29 +95,31 @@ def main() -> None:
                 )
             return int(out[:, args.prompt_len :].numel())
 
-        times: dict[str, list[float]] = {"embedded": [], "hf": []}
-        runners = {"embedded": run_engine, "hf": run_hf}
+        runners = {"embedded": run_engine, "dynamic": lambda seed: run_engine(seed, engine=dynamic), "hf": run_hf}
+        times: dict[str, list[float]] = {name: [] for name in runners}
         for name, fn in runners.items():  # warm-up
             assert fn(0) == num_tokens, name
-        ratios = []
+        vs_hf, vs_dynamic = [], []
+        names = list(runners)
         for r in range(args.repeats):
-            # pairs run back to back, in alternating order, so both sides see the same background load
-            order = ["embedded", "hf"] if r % 2 == 0 else ["hf", "embedded"]
-            pair = {}
+            # back to back, in rotating order, so every side sees the same background load
+            order = names[r % 3 :] + names[: r % 3]
+            took = {}
             for name in order:
                 t0 = time.perf_counter()
                 produced = runners[name](r + 1)
-                pair[name] = time.perf_counter() - t0
+                took[name] = time.perf_counter() - t0
                 assert produced == num_tokens, (name, produced)
-                times[name].append(pair[name])
-            ratios.append(pair["hf"] / pair["embedded"])
-        emb = num_tokens / statistics.median(times["embedded"])
-        hf = num_tokens / statistics.median(times["hf"])
+                times[name].append(took[name])
+            vs_hf.append(took["hf"] / took["embedded"])
+            vs_dynamic.append(took["dynamic"] / took["embedded"])
+        tok_s = {name: num_tokens / statistics.median(t) for name, t in times.items()}
         print(
-            f"[{label}] EmbeddedEngine {emb:6.0f} tok/s (median of {args.repeats}; best "
-            f"{num_tokens / min(times['embedded']):.0f}) | HF generate {hf:6.0f} tok/s (best "
-            f"{num_tokens / min(times['hf']):.0f}) | ratio of medians {emb / hf:.2f}x | median paired ratio "
-            f"{statistics.median(ratios):.2f}x | best-vs-best {min(times['hf']) / min(times['embedded']):.2f}x"
+            f"[{label}] EmbeddedEngine {tok_s['embedded']:6.0f} tok/s (median of {args.repeats}; best "
+            f"{num_tokens / min(times['embedded']):.0f}) | dynamic cache {tok_s['dynamic']:6.0f} | HF generate "
+            f"{tok_s['hf']:6.0f} tok/s (best {num_tokens / min(times['hf']):.0f}) | median paired ratio vs HF "
+            f"{statistics.median(vs_hf):.2f}x, vs dynamic cache {statistics.median(vs_dynamic):.2f}x | best-vs-best "
+            f"vs HF {min(times['hf']) / min(times['embedded']):.2f}x"
         )
     print(f"load avg after: {os.getloadavg()[0]:.1f}")
 

@@ -5,8 +5,12 @@ on one GPU. Per sub-batch of at most ``max_batch_size`` rows (a row = one sample
 
 1. prefill once per *distinct* prompt (left-padded, attention mask + position ids), then repeat the KV cache
    rows for the ``n`` samples (``DynamicCache.batch_select_indices``), so prefill costs P forwards, not P * n;
-2. decode one token per forward over the rows still generating: rows that emitted a stop token are dropped from
-   the batch and the cache, so finished sequences cost nothing;
+2. decode one token per forward over the rows still generating, with a preallocated KV cache
+   (``kv_cache="static"``, the default: :class:`_SlabCache`, one [rows, heads, prompt + new tokens, head_dim] slab per
+   layer, written in place, so no ``torch.cat`` per token); rows that emitted a stop token leave the batch: the
+   rows still generating are always the slab's first rows, and a finished row's place is taken by one from the
+   end, so only the moved rows are copied (``kv_cache="dynamic"``: transformers' ``DynamicCache``, which
+   concatenates per token and copies every remaining row when one finishes);
 3. sample with temperature / top-k / top-p from uniforms that are a counter-based hash of
    (prompt seed s_i, sample index j, response position t) (:func:`nsr_megatron.rollout.engine.row_key`), never
    from a stateful generator.
@@ -35,6 +39,7 @@ import inspect
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +113,8 @@ class EmbeddedEngine:
         max_batch_size: rows (prompt x sample) per forward; larger calls are split into sub-batches.
         attn_implementation: passed to transformers (``None``: its default, ``sdpa``).
         init_seed: seed of the random init when there are no weights.
+        kv_cache: ``static`` (preallocated slabs, the default; models with a sliding window and transformers
+            without the layered cache API use ``dynamic``) or ``dynamic`` (transformers' ``DynamicCache``).
     """
 
     def __init__(
@@ -119,6 +126,7 @@ class EmbeddedEngine:
         max_batch_size: int = 256,
         attn_implementation: str | None = None,
         init_seed: int = 0,
+        kv_cache: str = "static",
     ) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -136,7 +144,7 @@ class EmbeddedEngine:
         else:
             logger.warning("%s has no weight files: building the model from config.json with random weights", path)
             model = _model_from_config(AutoConfig.from_pretrained(str(path)), init_seed=init_seed, **kwargs)
-        self._setup(model, device=device, max_batch_size=max_batch_size, name=str(path))
+        self._setup(model, device=device, max_batch_size=max_batch_size, name=str(path), kv_cache=kv_cache)
 
     @classmethod
     def from_config(
@@ -148,6 +156,7 @@ class EmbeddedEngine:
         max_batch_size: int = 256,
         attn_implementation: str | None = None,
         init_seed: int = 0,
+        kv_cache: str = "static",
     ) -> EmbeddedEngine:
         """An engine over a randomly initialised model built from an HF config (a ``config.json`` dict with a
         ``model_type`` key, or a ``PretrainedConfig``); the init is seeded by ``init_seed``."""
@@ -167,22 +176,29 @@ class EmbeddedEngine:
             kwargs["attn_implementation"] = attn_implementation
         model = _model_from_config(config, init_seed=init_seed, **kwargs)
         engine = cls.__new__(cls)
-        engine._setup(model, device=device, max_batch_size=max_batch_size, name=f"<random {config.model_type}>")
+        engine._setup(model, device=device, max_batch_size=max_batch_size, name=f"<random {config.model_type}>",
+                      kv_cache=kv_cache)
         return engine
 
     @classmethod
     def from_model(
-        cls, model: torch.nn.Module, *, device: str | torch.device | None = None, max_batch_size: int = 256
+        cls, model: torch.nn.Module, *, device: str | torch.device | None = None, max_batch_size: int = 256,
+        kv_cache: str = "static",
     ) -> EmbeddedEngine:
         """An engine over an already built HF causal LM (used as is: not copied)."""
         engine = cls.__new__(cls)
         dev = device if device is not None else next(model.parameters()).device
-        engine._setup(model, device=dev, max_batch_size=max_batch_size, name=type(model).__name__)
+        engine._setup(model, device=dev, max_batch_size=max_batch_size, name=type(model).__name__, kv_cache=kv_cache)
         return engine
 
-    def _setup(self, model: Any, *, device: str | torch.device, max_batch_size: int, name: str) -> None:
+    def _setup(self, model: Any, *, device: str | torch.device, max_batch_size: int, name: str,
+               kv_cache: str = "static") -> None:
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"EmbeddedEngine(max_batch_size={max_batch_size!r}) must be an int >= 1.")
+        if kv_cache not in ("static", "dynamic"):
+            raise ValueError(f"EmbeddedEngine(kv_cache={kv_cache!r}) must be 'static' or 'dynamic'.")
+        # The slabs need transformers' layered cache API and full attention in every layer.
+        self.kv_cache = kv_cache if _SlabCache.supports(model.config) else "dynamic"
         # a transformers PreTrainedModel, typed loosely: its methods (get_output_embeddings, ...) are dynamic
         self.model: Any = model.to(device).eval().requires_grad_(False)
         self.device = torch.device(device)
@@ -250,7 +266,9 @@ class EmbeddedEngine:
         ids_ul, mask_ul = ids_ul.to(dev), mask_ul.to(dev)
         pos_ul = (mask_ul.cumsum(dim=-1) - 1).clamp_(min=0)
 
-        cache = DynamicCache(config=self.model.config)
+        static = self.kv_cache == "static"
+        cache: Any = (_SlabCache.build(self.model.config, capacity=longest + params.max_new_tokens) if static
+                      else DynamicCache(config=self.model.config))
         cache_kw = {self._cache_kwarg: cache}
         seen: list[Tensor] = []  # each MoE gate's choices in the last forward, in layer order
         hooks = [gate.register_forward_hook(lambda m, a, o: seen.append(self._choices(o))) for gate in self._gates
@@ -270,6 +288,8 @@ class EmbeddedEngine:
             cache.batch_select_indices(src_r)  # K/V of each prompt repeated for its samples
         logits_av = out.logits[src_r, -1]  # A = R, V
         mask_ak = mask_ul[src_r]
+        if static:  # [R, L_pad + T]: the prompt's mask, then ones; row a of the batch attends to mask_rk[a, :K]
+            mask_rk = torch.cat([mask_ak, mask_ak.new_ones(len(rows), params.max_new_tokens)], dim=1)
         prompt_len_r = torch.tensor([len(prompts[i]) for i, _ in rows], dtype=torch.long, device=dev)
         key_r = torch.tensor([row_key(seeds[i], j) for i, j in rows], dtype=torch.long, device=dev)
         stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=dev)
@@ -293,11 +313,21 @@ class EmbeddedEngine:
                     keep_a = (~hit_a).nonzero().squeeze(1)
                     if keep_a.numel() == 0:
                         break
-                    cache.batch_select_indices(keep_a)  # finished rows leave the batch and the cache
-                    mask_ak, active_a, tok_a = mask_ak[keep_a], active_a[keep_a], tok_a[keep_a]
+                    if static:  # the last rows still generating move into the finished rows' places
+                        holes, movers = _fill_holes(hit_a)
+                        cache.move_rows(holes, movers, len(keep_a))
+                        mask_rk[holes] = mask_rk[movers]
+                        active_a[holes], tok_a[holes] = active_a[movers], tok_a[movers]
+                        active_a, tok_a = active_a[: len(keep_a)], tok_a[: len(keep_a)]
+                    else:
+                        cache.batch_select_indices(keep_a)  # finished rows leave the batch and the cache
+                        mask_ak, active_a, tok_a = mask_ak[keep_a], active_a[keep_a], tok_a[keep_a]
             if t == max_new - 1:
                 break
-            mask_ak = torch.cat([mask_ak, mask_ak.new_ones(len(active_a), 1)], dim=1)
+            if static:
+                mask_ak = mask_rk[: len(active_a), : longest + t + 1]
+            else:
+                mask_ak = torch.cat([mask_ak, mask_ak.new_ones(len(active_a), 1)], dim=1)
             pos_a1 = (prompt_len_r[active_a] + t)[:, None]  # response token t sits at position len(prompt) + t
             out = self.model(
                 input_ids=tok_a[:, None], attention_mask=mask_ak, position_ids=pos_a1, use_cache=True, **cache_kw
@@ -454,3 +484,99 @@ def _weight_targets(model: torch.nn.Module) -> dict[str, tuple[Tensor, tuple[Any
             for e in range(tensor.shape[0]):  # down_proj: [E, H, I]
                 targets[f"{prefix}{e}.down_proj.weight"] = (tensor, (e,))
     return targets
+
+
+def _fill_holes(hit_a: Tensor) -> tuple[Tensor, Tensor]:
+    """For a batch whose rows ``hit_a`` [A] (bool) finished: (holes, movers), the finished rows among the first
+    ``A_new`` (those that stay) and the unfinished rows after them, which move into the holes; then the rows still
+    generating are exactly the first ``A_new``."""
+    num_left = int((~hit_a).sum())
+    holes = hit_a[:num_left].nonzero().squeeze(1)
+    movers = (~hit_a[num_left:]).nonzero().squeeze(1) + num_left
+    return holes, movers
+
+
+class _SlabCache:
+    """The KV cache of :class:`EmbeddedEngine`'s ``static`` mode: a transformers ``Cache`` whose layers keep K and V
+    in preallocated [rows, kv_heads, capacity, head_dim] slabs (see :func:`_slab_classes`)."""
+
+    @staticmethod
+    def supports(config: Any) -> bool:
+        """Full attention in every layer (no sliding window) and transformers' layered cache API."""
+        try:
+            from transformers.cache_utils import Cache, DynamicLayer  # noqa: F401
+        except ImportError:
+            return False
+        types = getattr(config, "layer_types", None) or []
+        return getattr(config, "sliding_window", None) is None and all(t == "full_attention" for t in types)
+
+    @staticmethod
+    def build(config: Any, *, capacity: int) -> Any:
+        cache_class, layer_class = _slab_classes()
+        return cache_class(layers=[layer_class(capacity) for _ in range(int(config.num_hidden_layers))])
+
+
+@lru_cache(maxsize=1)
+def _slab_classes() -> tuple[type, type]:
+    """(cache, layer) classes over transformers' ``Cache`` and ``DynamicLayer`` (imported when first needed).
+
+    The layer keeps K and V in slabs of ``capacity`` positions, allocated at its first update: ``update`` writes
+    the new positions in place and returns views of the filled part, and the batch is always the slab's first
+    ``rows`` rows. ``batch_select_indices`` (prefill rows -> sample rows) gathers once; ``move_rows`` copies only
+    the rows that move."""
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    class SlabLayer(DynamicLayer):  # type: ignore[misc]
+        def __init__(self, capacity: int) -> None:
+            super().__init__()
+            self.capacity, self.length, self.rows = capacity, 0, 0
+            self.k_slab = self.v_slab = torch.empty(0)
+
+        def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+            self.device = key_states.device
+            rows, heads, _, dim = key_states.shape
+            self.k_slab = key_states.new_zeros(rows, heads, self.capacity, dim)
+            self.v_slab = value_states.new_zeros(rows, heads, self.capacity, value_states.shape[-1])
+            self.rows, self.is_initialized = rows, True
+
+        def _views(self) -> tuple[Tensor, Tensor]:
+            keys = self.k_slab[: self.rows, :, : self.length]
+            values = self.v_slab[: self.rows, :, : self.length]
+            self.keys, self.values = keys, values
+            return keys, values
+
+        def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            end = self.length + key_states.shape[-2]
+            if end > self.capacity or key_states.shape[0] != self.rows:
+                raise RuntimeError(f"KV slab: {key_states.shape[0]} rows x {end} positions do not fit the slab's "
+                                   f"{self.rows} rows x {self.capacity} positions")
+            self.k_slab[: self.rows, :, self.length : end] = key_states
+            self.v_slab[: self.rows, :, self.length : end] = value_states
+            self.length = end
+            return self._views()
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def batch_select_indices(self, indices: Tensor) -> None:
+            if self.is_initialized:
+                self.k_slab, self.v_slab = self.k_slab[indices], self.v_slab[indices]
+                self.rows = int(indices.numel())
+                self._views()
+
+        def move_rows(self, holes: Tensor, movers: Tensor, rows: int) -> None:
+            if holes.numel():
+                self.k_slab[holes, :, : self.length] = self.k_slab[movers, :, : self.length]
+                self.v_slab[holes, :, : self.length] = self.v_slab[movers, :, : self.length]
+            self.rows = rows
+            self._views()
+
+    class SlabCache(Cache):  # type: ignore[misc]
+        def move_rows(self, holes: Tensor, movers: Tensor, rows: int) -> None:
+            """Rows ``movers`` take the places ``holes``; the batch becomes the first ``rows`` rows."""
+            for layer in self.layers:
+                layer.move_rows(holes, movers, rows)  # type: ignore[union-attr]
+
+    return SlabCache, SlabLayer

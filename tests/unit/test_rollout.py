@@ -207,6 +207,40 @@ def test_stop_tokens_end_sequences_and_max_new_tokens_gives_length(engines):
         assert g.finish_reason == "length" and len(g.response_ids) == 5
 
 
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe", "qwen2"])
+def test_the_static_kv_cache_gives_the_dynamic_caches_samples_exactly(model_dirs, arch):
+    """Preallocated slabs (finished rows replaced by the last running ones) against transformers' DynamicCache:
+    the same tokens, finish reasons and routed experts while rows finish at different steps; the same log-probs,
+    bitwise while no row moves, else to float32 rounding (moved rows change the batch's row order)."""
+    static = EmbeddedEngine(model_dirs[(arch, 0)], max_batch_size=12)  # sub-batches of 12 rows
+    dynamic = EmbeddedEngine(model_dirs[(arch, 0)], max_batch_size=12, kv_cache="dynamic")
+    assert (static.kv_cache, dynamic.kv_cache) == ("static", "dynamic")
+    for stop in ((), tuple(range(0, VOCAB, 5))):
+        params = SamplingParams(max_new_tokens=10, temperature=1.0, stop_token_ids=stop)
+        routed = arch == "qwen3_moe"
+        got = static.generate(PROMPTS, params, n=6, seed=11, return_routed_experts=routed)
+        want = dynamic.generate(PROMPTS, params, n=6, seed=11, return_routed_experts=routed)
+        lengths = {len(g.response_ids) for grp in got for g in grp}
+        assert len(lengths) > (1 if stop else 0)  # with stop tokens, rows leave the batch early
+        for grp_g, grp_w in zip(got, want, strict=True):
+            for g, w in zip(grp_g, grp_w, strict=True):
+                assert (g.response_ids, g.finish_reason) == (w.response_ids, w.finish_reason)
+                if stop:
+                    torch.testing.assert_close(torch.tensor(g.response_logprobs), torch.tensor(w.response_logprobs))
+                else:
+                    assert g.response_logprobs == w.response_logprobs
+                if routed:
+                    assert torch.equal(g.routed_experts, w.routed_experts)
+    with pytest.raises(ValueError, match="kv_cache='paged'"):
+        EmbeddedEngine(model_dirs[(arch, 0)], kv_cache="paged")
+
+
+def test_a_sliding_window_model_uses_the_dynamic_cache(tmp_path):
+    path = tmp_path / "sliding"
+    AutoModelForCausalLM.from_config(make_config("qwen2", use_sliding_window=True, sliding_window=4)).save_pretrained(path)
+    assert EmbeddedEngine(path).kv_cache == "dynamic"
+
+
 def test_stop_token_on_the_last_step_is_stop(engines):
     engine = engines["qwen3"]
     first = engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=1, top_k=1))[0][0].response_ids[0]
