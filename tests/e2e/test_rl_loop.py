@@ -122,7 +122,7 @@ def test_repeat_task_learns_while_clipping_matters(tmp_path: Path, seed: int, th
     assert max(r["clip_frac"] for r in rows) >= 0.05, "clipping never mattered"
     assert max(r["band_frac"] for r in rows) >= 0.02 and any(r["rescue_frac"] > 0 for r in rows)
     evals = [r["eval/pass@1"] for r in rows if "eval/pass@1" in r]
-    assert len(evals) == len(rows) // 20 and evals[0] < 0.2 and evals[-1] >= 0.5, evals
+    assert len(evals) == len(rows) // 20 and evals[0] < 0.2 and evals[-1] >= 0.3, evals
 
 
 # ------------------------------------------------------------------------------------------------ faults
