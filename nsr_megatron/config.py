@@ -273,6 +273,10 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0
     max_batch_size: int = 256
+    # One-step off-policy: the driver samples step k+1 (from the weights before step k's update) in the background
+    # while step k trains, so rollout time hides behind training when the engines have cores or GPUs of their own.
+    # Those samples are one update stale (rollout/staleness = 1); correct with loss.tis_cap / loss.mis_*.
+    overlap: bool = False
 
     def __post_init__(self) -> None:
         _require(self.prompts_per_step >= 1, f"rollout.prompts_per_step={self.prompts_per_step} must be >= 1.")
@@ -293,6 +297,9 @@ class RolloutConfig:
             not self.urls or self.backend != "embedded",
             "rollout.urls names running engines: set rollout.backend=server (the project's server) or sglang.",
         )
+        _require(not (self.overlap and self.sglang.colocate),
+                 "rollout.overlap=true samples while the policy trains, so the engines need devices of their own: "
+                 "it cannot be combined with rollout.sglang.colocate=true (engines on the training GPUs).")
 
 
 @dataclass(kw_only=True)

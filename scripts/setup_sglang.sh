@@ -18,8 +18,6 @@ TORCH_VERSION=2.14.1
 TORCHVISION_VERSION=0.29.1
 PY="$VENV/bin/python"
 
-die() { echo "setup_sglang: error: $*" >&2; exit 1; }
-
 probe() {
   PYTHONPATH="$STUB${PYTHONPATH:+:$PYTHONPATH}" SGLANG_USE_CPU_ENGINE=1 "$PY" - "$SGLANG_VERSION" "$TORCH_VERSION" <<'PYEOF'
 import sys
@@ -31,21 +29,10 @@ assert torch.__version__.split("+")[0] == sys.argv[2], f"torch {torch.__version_
 PYEOF
 }
 
-if [ -x "$PY" ] && probe >/dev/null 2>&1; then
-  echo "setup_sglang: reusing $VENV (sglang $SGLANG_VERSION, torch $TORCH_VERSION)" >&2
-  echo "$PY"
-  exit 0
-fi
-
-if [ ! -x "$PY" ]; then
-  BASE=${NSR_PYTHON:-python3}
-  "$BASE" -c 'import sys; sys.exit(sys.version_info[:2] < (3, 11))' 2>/dev/null \
-    || die "sglang $SGLANG_VERSION needs Python >= 3.11 ($BASE is $("$BASE" -V 2>&1 || echo missing)); set NSR_PYTHON"
-  echo "setup_sglang: creating $VENV" >&2
-  "$BASE" -m venv "$VENV" || die "could not create the venv $VENV"
-  # Keep the venv out of git without touching the repository's .gitignore.
-  echo '*' > "$VENV/.gitignore"
-fi
+TOOL=setup_sglang
+# shellcheck source=scripts/venv_common.sh
+. "$ROOT/scripts/venv_common.sh"
+reuse_or_create "sglang $SGLANG_VERSION with torch $TORCH_VERSION" 11
 
 LOG="$VENV/setup_sglang.log"
 CONSTRAINTS="$VENV/sglang-constraints.txt"

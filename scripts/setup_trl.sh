@@ -15,8 +15,6 @@ TRL_VERSION=1.16.0
 TORCH_VERSION=2.13.0
 PY="$VENV/bin/python"
 
-die() { echo "setup_trl: error: $*" >&2; exit 1; }
-
 probe() {
   "$PY" - "$TRL_VERSION" "$TORCH_VERSION" <<'PYEOF'
 import sys
@@ -27,19 +25,10 @@ assert torch.__version__.split("+")[0] == sys.argv[2], f"torch {torch.__version_
 PYEOF
 }
 
-if [ -x "$PY" ] && probe >/dev/null 2>&1; then
-  echo "setup_trl: reusing $VENV (trl $TRL_VERSION, torch $TORCH_VERSION)" >&2
-  echo "$PY"
-  exit 0
-fi
-
-if [ ! -x "$PY" ]; then
-  BASE=${NSR_PYTHON:-python3}
-  "$BASE" -c 'import sys; sys.exit(sys.version_info[:2] < (3, 10))' 2>/dev/null \
-    || die "trl $TRL_VERSION needs Python >= 3.10 ($BASE is $("$BASE" -V 2>&1 || echo missing)); set NSR_PYTHON"
-  echo "setup_trl: creating $VENV" >&2
-  "$BASE" -m venv "$VENV" || die "could not create the venv $VENV"
-fi
+TOOL=setup_trl
+# shellcheck source=scripts/venv_common.sh
+. "$ROOT/scripts/venv_common.sh"
+reuse_or_create "trl $TRL_VERSION with torch $TORCH_VERSION" 10
 
 LOG="$VENV/setup_trl.log"
 : > "$LOG"

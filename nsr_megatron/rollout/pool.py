@@ -273,6 +273,11 @@ class EnginePool:
         if self.version and self.resync is not None:
             self.resync([k])
 
+    def mark_stale(self, engines: Sequence[int]) -> None:
+        """Engines that missed the current weights (say restarted where no resync could run): the next
+        :meth:`healthy_or_recover` brings them up to date."""
+        self._stale.update(engines)
+
     def healthy_or_recover(self) -> None:
         """Before a rollout: restart any engine whose process died or that fails its health check, and bring
         engines a failed update left behind to the current weights."""

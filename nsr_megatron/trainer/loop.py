@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -66,7 +68,7 @@ def train(config: Any, *, world_size: int = 1, progress: bool | None = None, ann
             if (ckpt.save_interval and (step + 1) % ckpt.save_interval == 0) or step + 1 == run.steps:
                 with phases("checkpoint"):
                     save_checkpoint(rt.run_dir / "checkpoints", step + 1, rt.policy.module, rt.policy.optimizer,
-                                    meta={"step": step + 1, "sampler": rt.sampler.state_dict(),
+                                    meta={"step": step + 1, "sampler": _sampler_to_save(rt),
                                           "counters": rt.counters},
                                     arch=dataclasses.asdict(rt.arch), keep_last=ckpt.keep_last)
         phases.mark("done")
@@ -104,7 +106,10 @@ def sample_batch(rt: Runtime, step: int, phases: PhaseTimer) -> tuple[StepSample
     dp_size = rt.state.dp_size
     shares: list[list[Sample]] | None = None
     if rt.engine is not None:
-        samples, stats, example = _sample_on_driver(rt, step, phases)
+        prefetched = _take_prefetch(rt, step, phases)
+        samples, stats, example = prefetched if prefetched is not None else _sample_on_driver(rt, step, phases)
+        if rt.config.rollout.overlap:  # weight updates between the samples' weights and the trained ones
+            stats.setdefault("rollout/staleness", 0.0)
         shares = [dp_shard(samples, d, dp_size) for d in range(dp_size)]
         seq_len = max((len(s.prompt_ids) + len(s.response_ids) for s in samples), default=0)
         header = (stats, example, rt.sampler.state_dict(), len(samples), seq_len)
@@ -116,6 +121,86 @@ def sample_batch(rt: Runtime, step: int, phases: PhaseTimer) -> tuple[StepSample
     stats, example, sampler, total, seq_len = header
     rt.sampler.load_state_dict(sampler)
     return StepSamples(mine=_hand_out(rt, shares), total=total, seq_len=seq_len), stats, example
+
+
+@dataclasses.dataclass
+class Prefetch:
+    """``rollout.overlap``: step ``step``'s samples, sampled by the driver in a background thread from the weights
+    the engine holds while the step before trains (one update stale when they are used)."""
+
+    step: int
+    sampler_before: dict[str, Any]  # the data sampler before this prefetch drew its prompts (what a checkpoint keeps)
+    timer: PhaseTimer  # the background's own rollout / rewards timings
+    thread: threading.Thread = dataclasses.field(default_factory=threading.Thread)
+    result: tuple[list[Sample], dict[str, float], dict[str, Any]] | None = None
+    error: BaseException | None = None
+    stale: bool = False  # the policy was updated (and synced) after the samples were drawn
+
+
+class _PrefetchAborted(Exception):
+    """An engine restart needs every rank (they export the weights again): not possible from the background."""
+
+
+def _start_prefetch(rt: Runtime, step: int) -> None:
+    """On the driver with ``rollout.overlap``: start sampling step ``step`` in the background (nothing past the
+    run's last step). Only the driver's engine and reward workers are used: no collective runs in the thread."""
+    if not rt.config.rollout.overlap or rt.engine is None or step >= rt.config.run.steps:
+        return
+    job = Prefetch(step=step, sampler_before=rt.sampler.state_dict(),
+                   timer=PhaseTimer(rt.run_dir, write_status=False))
+
+    def abort(engines: list[int]) -> None:
+        from nsr_megatron.rollout.pool import EnginePool
+
+        if isinstance(rt.engine, EnginePool):
+            rt.engine.mark_stale(engines)  # the foreground rollout resyncs them
+        raise _PrefetchAborted(f"engines {engines} were restarted")
+
+    def work() -> None:
+        try:
+            job.result = _sample_on_driver(rt, step, job.timer, resync=abort)
+        except _PrefetchAborted as exc:
+            log.warning("step %d: the background rollout stopped (%s); the step samples again on-policy.",
+                        step + 1, exc)
+        except BaseException as exc:  # re-raised in the main thread when the step takes the samples
+            job.error = exc
+
+    job.thread = threading.Thread(target=work, name=f"nsr-prefetch-{step + 1}", daemon=True)
+    rt.prefetch = job
+    job.thread.start()
+
+
+def _finish_prefetch(rt: Runtime) -> None:
+    """Wait for the background rollout (before the engine's weights change or it serves anything else)."""
+    if rt.prefetch is not None:
+        rt.prefetch.thread.join()
+
+
+def _take_prefetch(rt: Runtime, step: int, phases: PhaseTimer
+                   ) -> tuple[list[Sample], dict[str, float], dict[str, Any]] | None:
+    """Step ``step``'s prefetched samples (None when there are none: the step samples on-policy, from the data
+    sampler's position before the background drew anything)."""
+    job, rt.prefetch = rt.prefetch, None
+    if job is None:
+        return None
+    with phases("rollout"):  # the time the step waited for the background
+        job.thread.join()
+    if job.error is not None:
+        raise job.error
+    if job.step != step or job.result is None:
+        rt.sampler.load_state_dict(job.sampler_before)
+        return None
+    samples, stats, example = job.result
+    stats["rollout/staleness"] = float(job.stale)
+    for key, seconds in job.timer.seconds.items():
+        stats[f"timing/{key}_background"] = seconds
+    return samples, stats, example
+
+
+def _sampler_to_save(rt: Runtime) -> dict[str, Any]:
+    """The data sampler's position after the last trained step: a pending prefetch's prompts are not consumed
+    (a resumed run samples that step again, on-policy)."""
+    return rt.prefetch.sampler_before if rt.prefetch is not None else rt.sampler.state_dict()
 
 
 def _hand_out(rt: Runtime, shares: list[list[Sample]] | None) -> list[Sample]:
@@ -141,6 +226,7 @@ def evaluate_in_loop(rt: Runtime, step: int) -> dict[str, float]:
 
     ev = rt.config.eval
     out: dict[str, float] = {}
+    _finish_prefetch(rt)
     if rt.engine is not None and rt.scorer is not None and rt.eval_dataset is not None:
         data = rt.eval_dataset
         params = SamplingParams(max_new_tokens=ev.max_new_tokens or rt.config.rollout.max_new_tokens,
@@ -174,16 +260,16 @@ def _resync(rt: Runtime, step: int, engines: list[int]) -> None:
     rt.engine.update_weights(rt.export.tensors(), version=str(step), engines=engines)
 
 
-def _sample_on_driver(rt: Runtime, step: int, phases: PhaseTimer
+def _sample_on_driver(rt: Runtime, step: int, phases: PhaseTimer,
+                      resync: Callable[[list[int]], None] | None = None,
                       ) -> tuple[list[Sample], dict[str, float], dict[str, Any]]:
     assert rt.engine is not None and rt.scorer is not None
     cfg, G = rt.config, rt.config.rollout.samples_per_prompt
     from nsr_megatron.rollout.pool import EnginePool
 
     pool = rt.engine if isinstance(rt.engine, EnginePool) else None
-    restarts = pool.restarts if pool is not None else 0
     if pool is not None:
-        pool.resync = lambda engines: _resync(rt, step, engines)
+        pool.resync = resync or (lambda engines: _resync(rt, step, engines))
         with phases("rollout"):
             pool.healthy_or_recover()
     params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
@@ -216,8 +302,9 @@ def _sample_on_driver(rt: Runtime, step: int, phases: PhaseTimer
         if len(groups) >= cfg.rollout.prompts_per_step:
             break
     groups = groups[: cfg.rollout.prompts_per_step]
-    if pool is not None:
-        stats["rollout/restarts"] = float(pool.restarts - restarts)
+    if pool is not None:  # (restarts in a background rollout that stopped count with the next step that samples)
+        stats["rollout/restarts"] = float(pool.restarts - rt.restarts_seen)
+        rt.restarts_seen = pool.restarts
     stats.update({
         "reward/mean": sum(all_rewards) / max(1, len(all_rewards)),
         "response_length/mean": sum(lengths) / max(1, len(lengths)),
@@ -241,6 +328,7 @@ def rl_step(rt: Runtime, step: int, phases: PhaseTimer) -> dict[str, float | Non
     """One RL step; returns the step's global metrics (identical on every rank)."""
     cfg = rt.config
     batch, metrics, example = sample_batch(rt, step, phases)
+    _start_prefetch(rt, step + 1)  # rollout.overlap: the next step samples while this one trains
     _watch_learning_signal(rt, step, metrics, example)
     if _colocated(rt):  # engines on the training GPUs give their memory to training until the weight sync
         rt.engine.release_memory()  # type: ignore[union-attr]
@@ -293,6 +381,9 @@ def rl_step(rt: Runtime, step: int, phases: PhaseTimer) -> dict[str, float | Non
             grad_norms.append(grad_norm)
     if grad_norms:  # the weights changed: the engine samples the next step from the new ones
         with phases("weight_sync"):
+            _finish_prefetch(rt)  # (with rollout.overlap, the next step's samples came from the old ones)
+            if rt.prefetch is not None:
+                rt.prefetch.stale = True
             sync_weights(rt, step + 1)
     routing = _routing_step(rt, step, batches, masks) if profiler is not None else {}
     if rt.policy.replay is not None:

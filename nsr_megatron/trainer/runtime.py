@@ -55,6 +55,8 @@ class Runtime:
     routing_log: RoutingLog | None = None  # routing.jsonl (profile.routing=full, the logging rank)
     routed_experts: bool = False  # the engine returns each token's experts (routing profiler, R3 replay)
     dp_ranks: list[int] | None = None  # each world rank's data-parallel rank (the driver's hand-out of samples)
+    prefetch: Any = None  # rollout.overlap: the next step's samples, sampled in the background (loop.Prefetch)
+    restarts_seen: int = 0  # engine restarts already counted in a step's rollout/restarts
     start_step: int = 0
     resumed: bool = False
     counters: dict[str, float] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0.0))
@@ -65,6 +67,8 @@ class Runtime:
 
     def close(self) -> None:
         """Stop what the run started: the routing log, the reward workers and the rollout engines."""
+        if self.prefetch is not None:
+            self.prefetch.thread.join()
         if self.routing_log is not None:
             self.routing_log.close()
         if self.scorer is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -348,6 +349,42 @@ def test_the_on_policy_shortcut_changes_no_number(tmp_path: Path) -> None:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_overlap_samples_each_step_from_the_weights_before_and_resumes_on_the_same_data(tmp_path: Path) -> None:
+    """rollout.overlap: the next step's samples are drawn while a step trains. With a policy that cannot move
+    (lr 1e-30 leaves every fp32 weight as it is) staleness changes nothing, so every metric equals the sequential
+    run's: the same prompts, draws and advantages, step by step. A run resumed from a checkpoint taken while a
+    prefetch was pending samples the same prompts again (on-policy for that step) and ends identical too."""
+    import shutil
+
+    frozen = ["--no-progress", "run.steps=4", "checkpoint.save_interval=2", "optimizer.lr=1e-30",
+              "optimizer.min_lr=1e-30", "rollout.prompts_per_step=8", "rollout.samples_per_prompt=4"]
+    runs = {name: tmp_path / name for name in ("sequential", "overlap", "resumed")}
+    _ok(run_cli("quickstart", *frozen, f"run.run_dir={runs['sequential']}"))
+    _ok(run_cli("quickstart", *frozen, f"run.run_dir={runs['overlap']}", "rollout.overlap=true"))
+    shutil.copytree(runs["overlap"], runs["resumed"])
+    shutil.rmtree(runs["resumed"] / "checkpoints" / "step_00000004")  # the newest left is step 2's (prefetch pending)
+    _ok(run_cli("quickstart", *frozen, f"run.run_dir={runs['resumed']}", "rollout.overlap=true"))
+    seq, ovl, res = (read_metrics(runs[n]) for n in ("sequential", "overlap", "resumed"))
+    assert [r["rollout/staleness"] for r in ovl] == [0.0, 1.0, 1.0, 1.0]
+    assert [r["rollout/staleness"] for r in res] == [0.0, 1.0, 0.0, 1.0]  # step 3 sampled again after the resume
+    for a, b, c in zip(seq, ovl, res, strict=True):
+        for key, value in a.items():
+            if not key.startswith("timing/"):
+                assert b[key] == value and c[key] == value, f"step {a['step']} {key}: {value} {b[key]} {c[key]}"
+    assert all(r["timing/rollout_background"] > 0 for r in ovl[1:])
+
+
+def test_overlap_learns_with_tis(tmp_path: Path) -> None:
+    run_dir = tmp_path / "overlap"
+    proc = run_cli("quickstart", "--no-progress", f"run.run_dir={run_dir}", "rollout.overlap=true", "loss.tis_cap=2.0",
+                   "checkpoint.save_interval=0", threads=1)
+    _ok(proc)
+    rows = read_metrics(run_dir)
+    summary = learning_summary([r["reward/mean"] for r in rows])
+    assert summary.learned, summary.line()
+    assert all(r["rollout/staleness"] == 1.0 for r in rows[1:]) and "tis/weight_mean" in rows[-1]
+
+
 def test_empty_steps_are_steps(tmp_path: Path) -> None:
     """DAPO on a task where every reward is 0: dynamic sampling keeps no group, every step trains nothing. The
     run says so, counts it, saves checkpoints without optimizer state, and resumes from them."""
@@ -443,6 +480,36 @@ def test_an_engine_killed_mid_rollout_is_restarted_and_the_run_is_unchanged(tmp_
             if not key.startswith("timing/") and key != "rollout/restarts":
                 assert rb[key] == value, f"step {ra['step']} {key}: {value} vs {rb[key]} after the engine's restart"
     assert "restarting it" in err
+
+
+def test_an_engine_killed_under_a_background_rollout_is_restarted(tmp_path: Path) -> None:
+    """rollout.overlap with two server engines: one is killed while step 3 trains and step 4 samples in the
+    background. The run finishes with the engine restarted and counted; a step whose background rollout met the
+    dead engine samples in the foreground (staleness 0) after the engine got the current weights."""
+    run_dir = tmp_path / "overlap-kill"
+    cmd = ("quickstart", f"run.run_dir={run_dir}", "--no-progress", "run.steps=5", "rollout.prompts_per_step=8",
+           "rollout.samples_per_prompt=4", "rollout.backend=server", "rollout.num_engines=2",
+           "rollout.max_new_tokens=16", "reward.name=tests.e2e.bad_rewards:slow_synthetic", "rollout.overlap=true")
+    proc = subprocess.Popen(_command(cmd, 1), cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "2"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim = None
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline and victim is None:
+        status = _status(run_dir)
+        if status and status["step"] == 3 and status["phase"] == "train":
+            pids = _engine_pids(run_dir / "hf-init")
+            if pids:
+                victim = pids[0]
+                os.kill(victim, signal.SIGKILL)
+        time.sleep(0.001)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-4000:]
+    assert victim is not None, "the run never reached the training of step 3"
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and sum(r["rollout/restarts"] for r in rows) >= 1
+    assert "restarting it" in err
+    for stopped in re.findall(r"step (\d+): the background rollout stopped", err):  # sampled in the foreground
+        assert rows[int(stopped) - 1]["rollout/staleness"] == 0.0
 
 
 def test_dense_tied_qwen2_trains(tmp_path: Path) -> None:
