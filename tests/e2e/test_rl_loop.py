@@ -451,28 +451,35 @@ def _engine_pids(hf_dir: Path) -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
+def _run_killing_an_engine(run_dir: Path, args: list[str], *, step: int, phase: str) -> str:
+    """Run the quickstart with ``args`` and SIGKILL its first engine process once ``status.json`` shows ``phase``
+    of ``step``; returns the run's stderr (the run must succeed and the kill must have happened)."""
+    proc = subprocess.Popen(_command(("quickstart", f"run.run_dir={run_dir}", *args), 1), cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "2"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # the threads of run_cli: the same rounding
+    victim = None
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline and victim is None:
+        status = _status(run_dir)
+        if status and status["step"] == step and status["phase"] == phase:
+            pids = _engine_pids(run_dir / "hf-init")
+            if pids:
+                victim = pids[0]
+                os.kill(victim, signal.SIGKILL)
+        time.sleep(0.001)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-4000:]
+    assert victim is not None, f"the run never reached the {phase} of step {step}"
+    return err
+
+
 def test_an_engine_killed_mid_rollout_is_restarted_and_the_run_is_unchanged(tmp_path: Path) -> None:
     common = ["--no-progress", "run.steps=4", "rollout.prompts_per_step=8", "rollout.samples_per_prompt=4",
               "rollout.backend=server", "rollout.num_engines=2", "rollout.max_new_tokens=16",
               "reward.name=tests.e2e.bad_rewards:slow_synthetic"]
     calm, killed = tmp_path / "calm", tmp_path / "killed"
     _ok(run_cli("quickstart", f"run.run_dir={calm}", *common))
-    proc = subprocess.Popen(_command(("quickstart", f"run.run_dir={killed}", *common), 1), cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "2"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # the threads of run_cli: the same rounding
-    victim = None
-    deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline and victim is None:
-        status = _status(killed)
-        if status and status["step"] == 3 and status["phase"] == "rollout":
-            pids = _engine_pids(killed / "hf-init")
-            if pids:
-                victim = pids[0]
-                os.kill(victim, signal.SIGKILL)
-        time.sleep(0.001)
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-4000:]
-    assert victim is not None, "the run never reached the rollout of step 3"
+    err = _run_killing_an_engine(killed, common, step=3, phase="rollout")
     a, b = read_metrics(calm), read_metrics(killed)
     assert sum(r["rollout/restarts"] for r in b) == 1 and all(r["rollout/restarts"] == 0 for r in a)
     for ra, rb in zip(a, b, strict=True):
@@ -487,24 +494,10 @@ def test_an_engine_killed_under_a_background_rollout_is_restarted(tmp_path: Path
     background. The run finishes with the engine restarted and counted; a step whose background rollout met the
     dead engine samples in the foreground (staleness 0) after the engine got the current weights."""
     run_dir = tmp_path / "overlap-kill"
-    cmd = ("quickstart", f"run.run_dir={run_dir}", "--no-progress", "run.steps=5", "rollout.prompts_per_step=8",
-           "rollout.samples_per_prompt=4", "rollout.backend=server", "rollout.num_engines=2",
-           "rollout.max_new_tokens=16", "reward.name=tests.e2e.bad_rewards:slow_synthetic", "rollout.overlap=true")
-    proc = subprocess.Popen(_command(cmd, 1), cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "2"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    victim = None
-    deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline and victim is None:
-        status = _status(run_dir)
-        if status and status["step"] == 3 and status["phase"] == "train":
-            pids = _engine_pids(run_dir / "hf-init")
-            if pids:
-                victim = pids[0]
-                os.kill(victim, signal.SIGKILL)
-        time.sleep(0.001)
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-4000:]
-    assert victim is not None, "the run never reached the training of step 3"
+    args = ["--no-progress", "run.steps=5", "rollout.prompts_per_step=8", "rollout.samples_per_prompt=4",
+            "rollout.backend=server", "rollout.num_engines=2", "rollout.max_new_tokens=16",
+            "reward.name=tests.e2e.bad_rewards:slow_synthetic", "rollout.overlap=true"]
+    err = _run_killing_an_engine(run_dir, args, step=3, phase="train")
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and sum(r["rollout/restarts"] for r in rows) >= 1
     assert "restarting it" in err
