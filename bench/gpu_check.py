@@ -7,7 +7,7 @@ Parts (each one's result, or its error, goes into the JSON; one failing part doe
    and bf16, on a tiny Qwen3-MoE; with two or more GPUs also ``torchrun`` smoke runs under TP=2 + sequence
    parallel and EP=2 (NCCL refuses two ranks on one GPU, so one GPU runs world size 1 only).
 3. ``rl``: the quickstart RL loop on CUDA (embedded engine and trainer on the GPU): learned or not, step time.
-4. ``train``: bf16 forward+backward+optimizer tokens/s of a ~1B-parameter Qwen3-MoE (random tokens, the ``smoke``
+4. ``train``: bf16 forward+backward+optimizer tokens/s of a 1.16B-parameter Qwen3-MoE (random tokens, the ``smoke``
    command) and its MFU: 6 x active parameters + attention FLOPs per token, over the GPU's dense bf16 peak.
 5. ``logprob_op``: the loss's log-prob + entropy op (:func:`nsr_megatron.losses.vocab_parallel_logprobs_entropy`)
    forward+backward at [8192 x 151936] bf16 logits (Qwen3's vocabulary), against ``log_softmax`` + ``gather``:
@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 # Dense bf16 peak of the GPUs the recipes target (TFLOP/s, without sparsity); others report no MFU.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "B200": 2250.0}
 
-# About 1B parameters (0.2B active): 16 layers, hidden 1024, 32 experts of 512, top-4, Qwen3's 151936 vocabulary.
+# 1.16B parameters (0.30B active per token, the output layer included): 16 layers, hidden 1024, 32 experts of 512, top-4, Qwen3's 151936 vocabulary.
 MOE_1B = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936, hidden_size=1024,
               intermediate_size=3072, moe_intermediate_size=512, num_hidden_layers=16, num_attention_heads=16,
               num_key_value_heads=4, head_dim=64, num_experts=32, num_experts_per_tok=4, norm_topk_prob=True,
