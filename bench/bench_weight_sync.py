@@ -5,6 +5,9 @@ Prints, for the rank-0 driver:
 - the group-local export alone (every HF tensor on rank 0, packed into flat buckets) by bucket size;
 - export plus push to a project rollout server over a gloo weight-update group (``/update_weights_from_distributed``,
   one broadcast per bucket, the server copying into its model) by bucket size;
+- the shared-memory sync to the same server (``rollout.weight_sync=shared_memory``: the server's weights live in a
+  shared-memory file, each rank writes its own shards into it; no buckets), warm (the mapping kept between syncs,
+  as in a run) and the first sync (which also maps the pages);
 each as GB/s and as a ratio to the memory copy. And, per rank, the bytes read and the peak RSS of sharded loading
 against a full read of the checkpoint.
 
@@ -54,7 +57,7 @@ def worker(rank: int, world: int, init: str, hf_dir: str, layout: str, buckets_m
     from nsr_megatron.models.state import load_canonical_state
     from nsr_megatron.rollout import HttpEngine
     from nsr_megatron.rollout.pool import EngineLauncher, EnginePool
-    from nsr_megatron.rollout.weight_sync import buckets
+    from nsr_megatron.rollout.weight_sync import SharedMappings, buckets
 
     torch.set_num_threads(1)
     par = ParallelConfig(**LAYOUTS[layout])
@@ -119,6 +122,20 @@ def worker(rank: int, world: int, init: str, hf_dir: str, layout: str, buckets_m
             for _ in export.tensors():
                 pass
         report[f"bucket_{mb}"] = {"export_s": export_s, "push_s": time.perf_counter() - t0}
+    # rollout.weight_sync=shared_memory: each rank writes its own shards into the server's weights in place.
+    maps = SharedMappings()
+    times = []
+    for i in range(4):  # the first sync also maps the engine's pages
+        torch.distributed.barrier()
+        t0 = time.perf_counter()
+        box: list[object] = [pool.open_shared_update() if pool is not None else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        export.write_into(maps.views(box[0]))  # type: ignore[arg-type]
+        torch.distributed.barrier()
+        if pool is not None:
+            pool.close_shared_update(f"s{i}")
+        times.append(time.perf_counter() - t0)
+    report["shared_s"] = {"first": times[0], "warm": min(times[1:])}
     if pool is not None:
         pool.close()
     with open(os.path.join(out, f"rank{rank}.json"), "w", encoding="utf-8") as f:
@@ -159,6 +176,12 @@ def main() -> None:
         e = r0[f"bucket_{b}"]
         ex, push = size / e["export_s"] / 1e9, size / e["push_s"] / 1e9
         print(f"| {b} MiB | {ex:.2f} | {ex / memcpy:.2f} | {push:.2f} | {push / memcpy:.2f} |")
+    sh = r0["shared_s"]
+    warm, first = size / sh["warm"] / 1e9, size / sh["first"] / 1e9
+    print(f"| shared memory (rollout.weight_sync=shared_memory, each rank writes its shards) | - | - | {warm:.2f} | "
+          f"{warm / memcpy:.2f} |")
+    print(f"(shared memory: the first sync, which also maps the engine's pages, {first:.2f} GB/s = "
+          f"{first / memcpy:.2f} x memcpy)")
     print("| rank | sharded: bytes read | x model | peak RSS growth | full read: peak RSS growth | seconds (sharded / full) |")
     print("|---|---|---|---|---|---|")
     for r, rep in enumerate(ranks):

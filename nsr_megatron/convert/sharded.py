@@ -20,7 +20,7 @@ Legend: R rows, C columns of an HF tensor; G query groups, D head_dim.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -29,7 +29,7 @@ from nsr_megatron.convert.io import HFCheckpoint
 from nsr_megatron.convert.mapping import ConvertError, Piece, TensorRule, weight_rules
 from nsr_megatron.models.hf_config import ArchSpec
 
-__all__ = ["HFExport", "load_hf_sharded", "read_canonical_block", "read_hf_canonical"]
+__all__ = ["HFExport", "load_hf_sharded", "read_canonical_block", "read_hf_canonical", "write_canonical_block"]
 
 
 def _inner_block(rule: TensorRule, piece: Piece, ckpt: HFCheckpoint, offset: tuple[int, ...],
@@ -75,6 +75,57 @@ def read_canonical_block(rule: TensorRule, ckpt: HFCheckpoint, offset: tuple[int
     blocks = [_inner_block(rule, pieces[i], ckpt, offset[1:], shape[1:]).unsqueeze(0)
               for i in range(offset[0], offset[0] + shape[0])]
     return torch.cat(blocks)
+
+
+def _write_inner(rule: TensorRule, piece: Piece, views: Mapping[str, torch.Tensor], offset: tuple[int, ...],
+                 block: torch.Tensor) -> None:
+    """Copy ``block`` (rows ``[offset[0], +R)``, and columns for 2-D, of one layer's / expert's canonical tensor)
+    into the HF tensors of ``rule`` in ``views``: the inverse of :func:`_inner_block`."""
+    names = [rule.hf_names[j] for j in piece.hf_index]
+    r0, r1 = offset[0], offset[0] + block.shape[0]
+    cols = (slice(offset[1], offset[1] + block.shape[1]),) if block.dim() > 1 else ()
+
+    def put(name: str, lo: int, hi: int, src: torch.Tensor) -> None:  # rows [lo, hi) of HF tensor ``name``
+        dest = views.get(name)
+        if dest is None:
+            raise ConvertError(f"the weights to write into lack {name} (the engine and the model disagree).")
+        dest[(slice(lo, hi), *cols)].copy_(src)
+
+    if rule.kind in ("copy", "experts_down"):
+        put(names[0], r0, r1, block)
+    elif rule.kind in ("gate_up", "experts_gate_up"):
+        half = rule.hf_shapes[piece.hf_index[0]][0]  # F: [gate (F rows); up (F rows)]
+        if r0 < half:
+            put(names[0], r0, min(r1, half), block[: min(r1, half) - r0])
+        if r1 > half:
+            put(names[1], max(r0, half) - half, r1 - half, block[max(r0, half) - r0 :])
+    elif rule.kind == "qkv":
+        per, D = rule.heads_per_group, rule.head_dim
+        size = (per + 2) * D  # rows of one query group: [q (per*D); k (D); v (D)]
+        for g in range(r0 // size, -(-r1 // size)):
+            for name, lo, hi, hf0 in ((names[0], 0, per * D, g * per * D), (names[1], per * D, (per + 1) * D, g * D),
+                                      (names[2], (per + 1) * D, size, g * D)):
+                a, b = max(r0, g * size + lo), min(r1, g * size + hi)  # canonical rows of this part in the block
+                if a < b:
+                    start = hf0 + a - (g * size + lo)
+                    put(name, start, start + b - a, block[a - r0 : b - r0])
+    else:
+        raise AssertionError(rule.kind)
+
+
+def write_canonical_block(rule: TensorRule, views: Mapping[str, torch.Tensor], offset: tuple[int, ...],
+                          block: torch.Tensor) -> None:
+    """Copy ``block``, the part ``[offset, offset + block.shape)`` of ``rule``'s canonical tensor, into the HF
+    tensors it belongs to (``views``: HF name -> full tensor, written in place, cast to its dtype)."""
+    if len(offset) != len(rule.shape) or block.dim() != len(rule.shape):
+        raise ConvertError(f"{rule.key}: block offset {list(offset)} / shape {list(block.shape)} do not match the "
+                           f"tensor's rank {len(rule.shape)}.")
+    pieces = rule.pieces
+    if len(pieces) == 1:
+        _write_inner(rule, pieces[0], views, offset, block)
+        return
+    for i in range(block.shape[0]):  # a leading layer or expert axis: one piece per index
+        _write_inner(rule, pieces[offset[0] + i], views, offset[1:], block[i])
 
 
 @torch.no_grad()
@@ -136,6 +187,20 @@ class HFExport:
         aliases = {alias: r.key for r in self.rules for alias in r.aliases}
         self.exporter = WeightExporter(model, [r.key for r in self.rules], aliases)
         self._by_key = {r.key: r for r in self.rules}
+
+    @torch.no_grad()
+    def write_into(self, targets: Sequence[Mapping[str, torch.Tensor]]) -> None:
+        """Copy this rank's own shards (its main replicas) into each of ``targets`` (HF name -> full tensor, e.g.
+        a rollout engine's shared weights), split by the converter's rules. When every rank does so, each target
+        holds exactly what :meth:`tensors` yields, and nothing moved between ranks. The first call is a
+        collective (it checks that the ranks' shards cover every tensor once)."""
+        self.exporter.plan()
+        for key, chunks in self.exporter.local_chunks().items():
+            rule = self._by_key[key]
+            for (offset, shape), data in chunks:
+                block = data.detach().reshape(shape)
+                for views in targets:
+                    write_canonical_block(rule, views, offset, block)
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         from nsr_megatron.convert.mapping import canonical_to_hf

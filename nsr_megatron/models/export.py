@@ -67,8 +67,9 @@ class WeightExporter:
         self._wanted = set(self.order)
         self._plan: list[_Entry] | None = None
 
-    def _local(self) -> dict[str, list[tuple[Chunk, torch.Tensor]]]:
-        """This rank's main-replica chunks per canonical key, sorted by offset."""
+    def local_chunks(self) -> dict[str, list[tuple[Chunk, torch.Tensor]]]:
+        """This rank's main-replica chunks per canonical key, sorted by offset (the ranks' chunks together cover
+        every tensor of ``order`` once: :meth:`plan` checks it)."""
         out: dict[str, list[tuple[Chunk, torch.Tensor]]] = {}
         for sh in iter_sharded_tensors(self.model):
             key = self.aliases.get(sh.key, sh.key)
@@ -97,17 +98,23 @@ class WeightExporter:
             plan.append(_Entry(key=key, shape=shape, dtype=dtype, holders=holders))
         return plan
 
+    def plan(self, local: dict[str, list[tuple[Chunk, torch.Tensor]]] | None = None) -> list[_Entry]:
+        """Build, once, the plan of who holds which blocks (a collective: every rank calls it), checking that the
+        ranks' main replicas cover every tensor exactly."""
+        if self._plan is None:
+            self._plan = self._build_plan(self.local_chunks() if local is None else local)
+        return self._plan
+
     def export(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(canonical key, full tensor)`` on rank 0, in ``order``; other ranks yield nothing but must run
         the iterator to its end (they send their shards). A yielded tensor is valid until the next one is produced
         (it lives in a scratch buffer reused for every tensor, or is a view of rank 0's own parameter): copy what
         must outlive it."""
-        local = self._local()
-        if self._plan is None:
-            self._plan = self._build_plan(local)
+        local = self.local_chunks()
+        plan = self.plan(local)
         rank = dist.get_rank()
         self._scratch: torch.Tensor | None = None
-        for entry in self._plan:
+        for entry in plan:
             if rank == 0:
                 yield entry.key, self._receive(entry, local.get(entry.key, []))
             elif rank in entry.holders:

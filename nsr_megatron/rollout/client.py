@@ -185,6 +185,23 @@ class HttpEngine:
         self._weights("/update_weights_from_disk",
                       {"model_path": model_path, "weight_version": weight_version, "flush_cache": True})
 
+    def shared_weights(self) -> Any:
+        """The project's server only: its weights moved into shared memory, and where each tensor sits there
+        (a :class:`~nsr_megatron.rollout.weight_sync.SharedLayout`)."""
+        from nsr_megatron.rollout.weight_sync import SharedLayout
+
+        reply = self._json("POST", "/shared_weights", {})
+        if not isinstance(reply, dict) or not reply.get("success", False):
+            raise EngineError(f"{self.base_url}/shared_weights: {reply!r:.300}")
+        try:
+            return SharedLayout.from_json(reply)
+        except ValueError as exc:
+            raise EngineError(f"{self.base_url}/shared_weights: {exc}") from None
+
+    def update_weights_from_shared_memory(self, weight_version: str) -> None:
+        """The project's server only: the trainer ranks wrote new weights into its shared memory."""
+        self._weights("/update_weights_from_shared_memory", {"weight_version": weight_version, "flush_cache": True})
+
     def update_weights_from_tensor(self, bucket: Any, weight_version: str, *, tp_size: int = 1) -> None:
         """Colocated CUDA engines: hand a flat bucket over as CUDA IPC handles (SGLang's
         ``MultiprocessingSerializer`` and ``FlattenedTensorBucket``, so sglang must be importable here: the ``gpu``

@@ -207,6 +207,7 @@ class EmbeddedEngine:
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.weight_version = "0"
         self._targets = _weight_targets(self.model)
+        self._shared: tuple[Any, Tensor] | None = None  # (layout, mapping) once the weights live in shared memory
         self._gates = [m for name, m in self.model.named_modules() if name.endswith("mlp.gate")]  # MoE routers
         self._fused_names = {n for n, (t, _) in self._targets.items() if t.dim() == 3 and n.endswith(
             ("experts.gate_up_proj", "experts.down_proj"))}
@@ -448,6 +449,17 @@ class EmbeddedEngine:
         for name, (param, index) in self._targets.items():
             if name not in self._fused_names:
                 yield name, param[index] if index else param
+
+    def share_weights(self) -> Any:
+        """Move the model's parameters into a shared-memory file that trainer ranks on this host write new weights
+        into (``rollout.weight_sync=shared_memory``); returns its
+        :class:`~nsr_megatron.rollout.weight_sync.SharedLayout` (checkpoint names, as :meth:`named_weights`). Done
+        once; later calls return the same layout. CPU engines only."""
+        from nsr_megatron.rollout.weight_sync import share_parameters
+
+        if self._shared is None:
+            self._shared = share_parameters(self.model.parameters(), self.named_weights())
+        return self._shared[0]
 
     def flush_cache(self) -> None:
         """No-op: the engine keeps no KV or prefix cache between ``generate`` calls (each call builds its own)."""

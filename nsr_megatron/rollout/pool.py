@@ -42,7 +42,7 @@ import torch
 
 from nsr_megatron.rollout.client import EngineError, EngineUnreachable, HttpEngine
 from nsr_megatron.rollout.engine import Generation, SamplingParams, prompt_seeds
-from nsr_megatron.rollout.weight_sync import FlatBucket, WeightUpdateGroup, buckets, free_port
+from nsr_megatron.rollout.weight_sync import FlatBucket, SharedLayout, WeightUpdateGroup, buckets, free_port
 
 __all__ = ["EngineLauncher", "EnginePool", "RolloutError", "server_launchers", "sglang_launchers"]
 
@@ -150,7 +150,9 @@ class EnginePool:
     Args:
         launchers: engines to start and supervise; or ``urls`` of running engines (never restarted).
         token: the engines' bearer token.
-        weight_sync: ``distributed`` or ``disk``.
+        weight_sync: ``distributed``, ``disk``, ``tensor`` (colocated CUDA) or ``shared_memory`` (the project's
+            server on this host: the trainer writes into the engines' weights, :meth:`open_shared_update`; resyncs
+            of restarted engines and :meth:`update_weights` go through ``disk``).
         bucket_bytes: flat bucket size of a weight update.
         weights_dir: where ``disk`` updates (and restarted engines' resyncs) write safetensors folders.
         hf_path: the model folder whose ``config.json`` goes with the written weights.
@@ -183,6 +185,7 @@ class EnginePool:
         self._stale: set[int] = set()  # engines whose weights a failed update left behind
         self._group: WeightUpdateGroup | None = None
         self._group_gen = 0
+        self._layouts: dict[int, SharedLayout] = {}  # weight_sync=shared_memory: engine -> where its weights sit
 
     # -------------------------------------------------------------------------------------------- life cycle
     def start(self) -> EnginePool:
@@ -266,6 +269,7 @@ class EnginePool:
             self.launchers[k].stop()
             self.launchers[k].start()
         self._wait(k, self.clients[k])
+        self._layouts.pop(k, None)  # a new process: its weights sit in a new shared-memory file
         group = self._group
         self._drop_group(restarted=k)  # the engine left the weight-update group: all join a new one next time
         if group is not None:
@@ -301,7 +305,7 @@ class EnginePool:
         self.version = version or str(int(self.version or "0") + 1)
         stream = iter(named)
         try:
-            if self.weight_sync == "disk" or engines is not None:
+            if self.weight_sync in ("disk", "shared_memory") or engines is not None:
                 count = self._push_disk(stream, targets)
             elif self.weight_sync == "tensor":
                 count = self._push_tensors(stream, targets)
@@ -320,6 +324,57 @@ class EnginePool:
                 raise RolloutError(f"rollout engine {k} reports weight_version {got!r} after the update to "
                                    f"{self.version!r}.")
         return count
+
+    def open_shared_update(self) -> list[SharedLayout]:
+        """``weight_sync=shared_memory``: open a weight-update session on every engine and return where each
+        engine's weights sit in its shared memory (asked once per engine process). The trainer's ranks then write
+        their shards there and :meth:`close_shared_update` ends the session. Raises :class:`RolloutError` (the
+        engines are brought to the current weights before the next rollout)."""
+        opened: list[HttpEngine] = []
+        try:
+            for k, client in enumerate(self.clients):
+                if k not in self._layouts:
+                    self._layouts[k] = client.shared_weights()
+            for client in self.clients:
+                client.begin_weight_update()
+                opened.append(client)
+        except EngineError as exc:
+            self._end_sessions(opened)
+            self._stale.update(range(len(self.clients)))
+            raise RolloutError(f"the shared-memory weight update could not start ({exc}); the engines are brought "
+                               "to the current weights before the next rollout.") from exc
+        return [self._layouts[k] for k in range(len(self.clients))]
+
+    def close_shared_update(self, version: str, *, written: bool = True) -> None:
+        """End the session :meth:`open_shared_update` opened: with ``written``, every engine now holds weight
+        version ``version`` (checked); without, the write failed and the engines count as stale."""
+        self.version = version
+        problem = None if written else "a trainer rank could not write its shards"
+        try:
+            if problem is None:
+                for client in self.clients:
+                    client.update_weights_from_shared_memory(version)
+        except EngineError as exc:
+            problem = str(exc)
+        finally:
+            self._end_sessions(self.clients)
+        if problem is not None:
+            self._stale.update(range(len(self.clients)))
+            raise RolloutError(f"the shared-memory weight update to version {version} failed ({problem}); the "
+                               "engines are brought to the current weights before the next rollout.")
+        for k, client in enumerate(self.clients):
+            got = client.weight_version()
+            if got != version:
+                raise RolloutError(f"rollout engine {k} reports weight_version {got!r} after the update to "
+                                   f"{version!r}.")
+
+    @staticmethod
+    def _end_sessions(clients: Sequence[HttpEngine]) -> None:
+        for client in clients:
+            try:
+                client.end_weight_update()
+            except EngineError as exc:
+                log.warning("%s did not end its weight-update session: %s", client.base_url, exc)
 
     def _drop_group(self, restarted: int | None = None) -> None:
         """Forget the weight-update group (the engines that still hold it leave it too): the next distributed

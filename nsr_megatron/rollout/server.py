@@ -25,6 +25,12 @@ Endpoints (shapes as SGLang 0.5.23 answers them; ``shared/SGLANG.md``):
   ``flattened_bucket``: one uint8 broadcast of the tensors back to back); ``/update_weights_from_disk``
   (``model_path`` of a safetensors folder; checked completely before anything is copied, so a bad folder changes
   nothing); ``/update_weight_version``. ``/update_weights_from_tensor`` is refused: this server never unpickles.
+- this server's own shared-memory path (``rollout.weight_sync=shared_memory``; not in SGLang): ``/shared_weights``
+  moves the weights into an anonymous shared-memory file once and answers where each HF-named tensor sits in it
+  (``id``, ``path``, ``nbytes``, ``host``, ``tensors``: ``{name: {dtype, shape, stride, offset}}``); trainer ranks on
+  this host, as the same user, map it and write their shards in place between ``/begin_weight_update`` and
+  ``/end_weight_update``; ``/update_weights_from_shared_memory`` (``weight_version``, ``flush_cache``) then marks
+  the new version.
 - ``POST /weights_checker {"action": "checksum"}`` (sha256 of each tensor's bytes, under the checkpoint's names)
   and ``POST /get_weights_by_name {"name", "truncate_size"}``.
 
@@ -116,6 +122,7 @@ class RolloutServer:
         self._resumed = threading.Event()
         self._resumed.set()
         self._session = False
+        self._shared = False  # the weights live in shared memory that trainer ranks write
         self._groups: dict[str, JoinedGroup] = {}
         self._inbox: torch.Tensor | None = None  # receive buffer of flattened buckets
         self._thread: threading.Thread | None = None
@@ -293,6 +300,29 @@ class RolloutServer:
         self.model_path = path
         return {**result, "num_paused_requests": 0}
 
+    def shared_weights(self, body: dict[str, Any]) -> dict[str, Any]:
+        _require_fields(body, ())
+        with self._lock:
+            try:
+                layout = self.engine.share_weights()
+            except RuntimeError as exc:
+                raise WeightError(f"Failed to share weights: {exc}") from exc
+        self._shared = True
+        return {"success": True, "message": "Success", **layout.to_json()}
+
+    def update_from_shared(self, body: dict[str, Any]) -> dict[str, Any]:
+        if not self._session:
+            raise WeightError("update_weights_from_shared_memory must run between begin_weight_update() and "
+                              "end_weight_update()")
+        f = _require_fields(body, (), optional=("weight_version", "flush_cache"))
+        if not self._shared:
+            raise WeightError("the weights are not in shared memory; call /shared_weights first")
+        with self._lock:  # the writers are done: later generations see the new weights
+            if f.get("weight_version") is not None:
+                self.weight_version = str(f["weight_version"])
+        return {"success": True, "message": f"Succeeded to update weights from shared memory. Weight version "
+                                           f"updated to {self.weight_version}."}
+
     def update_version(self, body: dict[str, Any]) -> dict[str, Any]:
         version = str(_require_fields(body, ("new_version",), optional=("abort_all_requests",))["new_version"])
         self.weight_version = version
@@ -455,6 +485,8 @@ def _make_handler(server: RolloutServer) -> type[BaseHTTPRequestHandler]:
         "/update_weights_from_distributed": server.update_from_distributed,
         "/update_weights_from_disk": server.update_from_disk,
         "/update_weight_version": server.update_version,
+        "/shared_weights": server.shared_weights,
+        "/update_weights_from_shared_memory": server.update_from_shared,
         "/weights_checker": lambda body: server.checksums(),
         # Colocated memory release: nothing to release on a CPU engine; answered as SGLang does.
         "/release_memory_occupation": lambda body: {"success": True, "message": "Success"},

@@ -12,12 +12,21 @@ of a process group of its own (not the training world) that the engines' ranks j
 ``torch.distributed``'s exported classes with the store key layout torch's group helper uses, so real SGLang
 (another torch version) and the project's server (:func:`join_weight_update_group`) both join it. gloo on CPU, NCCL
 on GPUs. The producer of the tensors is the trainer's group-local export; nothing here imports megatron.
+
+Shared memory (``rollout.weight_sync=shared_memory``, engines of the project's server on the trainer's host):
+:func:`share_parameters` moves an engine's parameters into one anonymous shared-memory file (``memfd``) that lives
+as long as the engine; its :class:`SharedLayout` says where each HF-named weight sits in it (dtype, shape, stride,
+offset). Every trainer rank maps that file (:class:`SharedMappings`, kept between syncs: mapping pages is what
+costs) and copies its own shards straight into the engine's weights: no gather on a sync rank, no buckets, no
+transport, one copy per byte.
 """
 
 from __future__ import annotations
 
 import datetime
+import os
 import socket
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +34,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["FlatBucket", "WeightUpdateGroup", "buckets", "join_weight_update_group"]
+__all__ = ["FlatBucket", "SharedLayout", "SharedMappings", "WeightUpdateGroup", "buckets",
+           "join_weight_update_group", "share_parameters"]
 
 
 @dataclass
@@ -199,3 +209,106 @@ def join_weight_update_group(*, master_address: str, master_port: int, rank: int
     timeout = datetime.timedelta(seconds=timeout_s)
     store = dist.TCPStore(master_address, master_port, world_size, is_master=False, timeout=timeout)
     return JoinedGroup(store, _group(store, rank, world_size, group_name, backend, timeout))
+
+
+# ---------------------------------------------------------------------------------------------- shared memory
+@dataclass(frozen=True)
+class SharedLayout:
+    """Where an engine's weights sit in its shared-memory file (the reply of the project's ``/shared_weights``).
+
+    ``path`` opens the file from another process of the same user (``/proc/<pid>/fd/<fd>``); ``id`` is new for
+    every engine process; ``tensors`` maps each HF name to ``(dtype, shape, stride, offset)``, the offset and
+    strides in elements of that dtype."""
+
+    id: str
+    path: str
+    nbytes: int
+    host: str
+    tensors: dict[str, tuple[str, tuple[int, ...], tuple[int, ...], int]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "path": self.path, "nbytes": self.nbytes, "host": self.host,
+                "tensors": {n: {"dtype": d, "shape": list(s), "stride": list(st), "offset": o}
+                            for n, (d, s, st, o) in self.tensors.items()}}
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> SharedLayout:
+        try:
+            tensors = {str(n): (str(t["dtype"]), tuple(int(x) for x in t["shape"]),
+                                tuple(int(x) for x in t["stride"]), int(t["offset"]))
+                       for n, t in body["tensors"].items()}
+            return cls(id=str(body["id"]), path=str(body["path"]), nbytes=int(body["nbytes"]), host=str(body["host"]),
+                       tensors=tensors)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"a shared-weights layout needs id, path, nbytes, host and tensors "
+                             f"{{name: {{dtype, shape, stride, offset}}}}: {exc!r}") from None
+
+
+_ALIGN = 64  # bytes: every parameter starts on a cache line
+
+
+def share_parameters(params: Iterable[torch.nn.Parameter],
+                     named: Iterable[tuple[str, torch.Tensor]]) -> tuple[SharedLayout, torch.Tensor]:
+    """Move ``params`` (CPU, each once) into one new shared-memory file and describe the views ``named`` (views of
+    those parameters, by HF name) in it. Returns the layout and the file's uint8 mapping, which the caller keeps
+    alive (the parameters now live in it). Linux only (``memfd_create``)."""
+    if not hasattr(os, "memfd_create"):
+        raise RuntimeError("shared-memory weights need Linux (os.memfd_create); use rollout.weight_sync=distributed.")
+    unique = list({id(p): p for p in params}.values())
+    offsets, total = [], 0
+    for p in unique:
+        if p.device.type != "cpu":
+            raise RuntimeError(f"shared-memory weights are for CPU engines; a parameter lives on {p.device}.")
+        offsets.append(total)
+        total += -(-p.numel() * p.element_size() // _ALIGN) * _ALIGN
+    total = max(total, _ALIGN)
+    fd = os.memfd_create("nsr-engine-weights", 0)  # freed with the engine process (and the last mapping)
+    os.ftruncate(fd, total)
+    memory = torch.from_file(f"/proc/self/fd/{fd}", shared=True, size=total, dtype=torch.uint8)
+    with torch.no_grad():
+        for p, start in zip(unique, offsets, strict=True):
+            n = p.numel() * p.element_size()
+            region = memory[start : start + n].view(p.dtype).view(p.shape)
+            region.copy_(p.data)
+            p.data = region
+    base = memory.untyped_storage().data_ptr()
+    tensors = {}
+    for name, t in named:
+        if t.untyped_storage().data_ptr() != base:
+            raise RuntimeError(f"shared-memory weights: {name} is not a view of the engine's parameters.")
+        tensors[name] = (str(t.dtype).removeprefix("torch."), tuple(t.shape), tuple(t.stride()), int(t.storage_offset()))
+    layout = SharedLayout(id=uuid.uuid4().hex, path=f"/proc/{os.getpid()}/fd/{fd}", nbytes=total,
+                          host=socket.gethostname(), tensors=tensors)
+    return layout, memory
+
+
+class SharedMappings:
+    """A trainer rank's mappings of engines' shared weights, by layout id, kept between syncs (mapping the pages
+    costs about five copies of them; a kept mapping is written at memory-copy speed)."""
+
+    def __init__(self) -> None:
+        self._maps: dict[str, dict[str, torch.Tensor]] = {}
+
+    def views(self, layouts: list[SharedLayout]) -> list[dict[str, torch.Tensor]]:
+        """Each layout's HF name -> writable view of the engine's weight. Mappings of engines no longer listed
+        (restarted, gone) are dropped. Raises ``RuntimeError`` naming the engine's file and host when this
+        process cannot open it (another host or container: use ``rollout.weight_sync=distributed``)."""
+        wanted = {lay.id for lay in layouts}
+        for stale in [k for k in self._maps if k not in wanted]:
+            del self._maps[stale]
+        return [self._maps.get(lay.id) or self._map(lay) for lay in layouts]
+
+    def _map(self, layout: SharedLayout) -> dict[str, torch.Tensor]:
+        try:
+            memory = torch.from_file(layout.path, shared=True, size=layout.nbytes, dtype=torch.uint8)
+        except (RuntimeError, OSError) as exc:
+            raise RuntimeError(
+                f"cannot map the rollout engine's shared weights {layout.path} (engine host {layout.host}, this "
+                f"host {socket.gethostname()}): {exc}. rollout.weight_sync=shared_memory needs every trainer rank "
+                "on the engines' host, as the same user; use rollout.weight_sync=distributed otherwise.") from None
+        views = {}
+        for name, (dtype, shape, stride, offset) in layout.tensors.items():
+            typed = memory.view(getattr(torch, dtype))
+            views[name] = torch.as_strided(typed, shape, stride, offset)
+        self._maps[layout.id] = views
+        return views

@@ -481,6 +481,9 @@ def sync_weights(rt: Runtime, version: int) -> None:
     number of RL steps the weights have seen)."""
     from nsr_megatron.rollout.pool import RolloutError
 
+    if rt.config.rollout.weight_sync == "shared_memory":
+        _sync_shared(rt, version)
+        return
     named = rt.export.tensors()
     if rt.engine is None:
         for _ in named:  # this rank sends its shards to the driver
@@ -495,6 +498,41 @@ def sync_weights(rt: Runtime, version: int) -> None:
         log.warning("%s", exc)
     if colocated:
         rt.engine.resume_memory(["kv_cache"])  # type: ignore[attr-defined]
+
+
+def _sync_shared(rt: Runtime, version: int) -> None:
+    """``rollout.weight_sync=shared_memory``: the driver opens an update on its engines and tells every rank where
+    their weights sit; each rank writes its own shards there (nothing moves between ranks); the driver then sets
+    the engines' version. A rank that cannot map the engines' memory stops the run on every rank, with the reason."""
+    from nsr_megatron.rollout.pool import EnginePool, RolloutError
+
+    layouts = None
+    if isinstance(rt.engine, EnginePool):
+        try:
+            layouts = rt.engine.open_shared_update()
+        except RolloutError as exc:  # the pool repairs its engines before the next rollout
+            log.warning("%s", exc)
+    layouts = _announce(layouts)
+    if layouts is None:
+        return
+    try:
+        rt.export.write_into(rt.shared_weights.views(layouts))
+        error = ""
+    except RuntimeError as exc:
+        error = f"rank {rt.state.rank}: {exc}"
+    errors = [error]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [""] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    failed = [e for e in errors if e]
+    if isinstance(rt.engine, EnginePool):
+        try:
+            rt.engine.close_shared_update(str(version), written=not failed)
+        except RolloutError as exc:
+            if not failed:
+                log.warning("%s", exc)
+    if failed:
+        raise RuntimeError(failed[0])
 
 
 def _colocated(rt: Runtime) -> bool:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,16 @@ def _check_rollout(config: Config) -> None:
             "rollout.weight_sync=tensor hands weights to SGLang engines on the same GPUs as CUDA IPC handles: it "
             "needs rollout.backend=sglang, rollout.sglang.colocate=true and CUDA; use rollout.weight_sync=distributed "
             "(or disk) otherwise.")
+    if r.weight_sync == "shared_memory":
+        from urllib.parse import urlparse
+
+        remote = [u for u in r.urls if urlparse(u).hostname not in ("127.0.0.1", "localhost", "::1")]
+        if r.backend != "server" or remote or not hasattr(os, "memfd_create"):
+            raise ConfigError(
+                "rollout.weight_sync=shared_memory lets every trainer rank write its shards straight into the memory "
+                "of the project's rollout server on the same host (Linux): it needs rollout.backend=server with "
+                f"engines on this host{f', not {remote}' if remote else ''}. SGLang engines, engines on other hosts "
+                "and the embedded engine take rollout.weight_sync=distributed (or disk).")
     if r.backend == "sglang" and not r.urls:
         from nsr_megatron.trainer.runtime import sglang_python
 

@@ -21,6 +21,7 @@ from nsr_megatron.models.hf_config import ArchSpec
 from nsr_megatron.parallel import ParallelState
 from nsr_megatron.rewards.scorer import RewardScorer
 from nsr_megatron.rollout.engine import RolloutEngine
+from nsr_megatron.rollout.weight_sync import SharedMappings
 from nsr_megatron.telemetry.routing import RoutingLog
 from nsr_megatron.trainer.preflight import RunInputs
 
@@ -57,6 +58,8 @@ class Runtime:
     dp_ranks: list[int] | None = None  # each world rank's data-parallel rank (the driver's hand-out of samples)
     prefetch: Any = None  # rollout.overlap: the next step's samples, sampled in the background (loop.Prefetch)
     restarts_seen: int = 0  # engine restarts already counted in a step's rollout/restarts
+    # rollout.weight_sync=shared_memory: this rank's mappings of the engines' weights, kept between syncs
+    shared_weights: SharedMappings = field(default_factory=SharedMappings)
     start_step: int = 0
     resumed: bool = False
     counters: dict[str, float] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0.0))

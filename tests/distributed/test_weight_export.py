@@ -4,7 +4,8 @@ Two gloo ranks load an HF checkpoint sharded (TP=2 + sequence parallel, EP=2, PP
 every HF tensor of the checkpoint back, bitwise, in bucket order; rank 1 gets nothing. No collective over the whole
 world runs during the export (only the gathers of each tensor's own group and sends to rank 0). On a larger model
 rank 0's peak resident memory during the export grows by less than two buckets plus the largest tensor (plus a
-fixed 2 MiB for what is not tensor data: allocator pages, gloo's receive buffers, Python objects).
+fixed 2 MiB for what is not tensor data: allocator pages, gloo's receive buffers, Python objects). And the
+shared-memory sync: each rank writes its own shards straight into a rollout engine's weights.
 """
 
 from __future__ import annotations
@@ -83,6 +84,60 @@ def _roundtrip_worker(rank: int, world: int, init: str, hf_dir: str, out: str, l
     parallel.destroy()
 
 
+def _shared_worker(rank: int, world: int, init: str, hf_dir: str, out: str, layout: dict[str, Any],
+                   engine_dtype: str) -> None:
+    """Rank 0 serves a rollout engine (random weights) whose parameters it moves into shared memory; both ranks
+    write their own shards of the loaded checkpoint into it through the path the layout names (rank 1 maps rank
+    0's memory). Rank 0 then compares the engine's weights with the checkpoint."""
+    import torch.distributed as dist
+    from transformers import AutoConfig
+
+    from nsr_megatron import parallel
+    from nsr_megatron.convert.io import HFCheckpoint
+    from nsr_megatron.convert.sharded import HFExport
+    from nsr_megatron.rollout import EmbeddedEngine
+    from nsr_megatron.rollout.weight_sync import SharedMappings
+
+    bundle, arch = _build(hf_dir, layout, rank, world, init)
+    export = HFExport(bundle.module, arch)
+    export.exporter.plan()  # built once, at the first sync (one all_gather_object)
+    box: list[Any] = [None]
+    engine = None
+    if rank == 0:
+        engine = EmbeddedEngine.from_config(AutoConfig.from_pretrained(hf_dir), dtype=getattr(torch, engine_dtype),
+                                            init_seed=11)  # other weights than the checkpoint's
+        box = [engine.share_weights()]
+        assert engine.share_weights() is box[0]  # moved once
+    dist.broadcast_object_list(box, src=0)
+    views = SharedMappings().views(box)
+
+    def forbidden(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a collective ran during the shared-memory write")
+
+    saved = {name: getattr(dist, name) for name in ("all_reduce", "all_gather", "all_gather_object", "broadcast",
+                                                     "send", "recv", "barrier")}
+    for name in saved:
+        setattr(dist, name, forbidden)
+    try:
+        export.write_into(views)
+    finally:
+        for name, fn in saved.items():
+            setattr(dist, name, fn)
+    dist.barrier()
+    report: dict[str, Any] = {"different": [], "names": []}
+    if engine is not None:
+        ckpt = HFCheckpoint(hf_dir)
+        weights = dict(engine.named_weights())
+        for name in ckpt.tensors:
+            report["names"].append(name)
+            if not torch.equal(weights[name], ckpt.read(name).to(weights[name].dtype)):
+                report["different"].append(name)
+        ckpt.close()
+    with open(os.path.join(out, f"shared{rank}.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f)
+    parallel.destroy()
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from nsr_megatron.models.tiny import create_tiny_hf_checkpoint
@@ -102,6 +157,17 @@ def test_export_returns_the_checkpoint_on_rank_0_only(models: dict[str, Path], t
     assert r1["names"] == [] and r1["buckets"] == 0
     assert sorted(r0["names"]) == r0["expected"] and len(r0["names"]) == len(set(r0["names"]))
     assert r0["different"] == [] and r0["oversized"] == [] and r0["buckets"] > 1
+
+
+@pytest.mark.parametrize(("model", "layout", "dtype"), [("moe", "tp2-sp", "float32"), ("moe", "ep2", "float32"),
+                                                        ("moe", "pp2", "bfloat16"), ("dense", "tp2-sp", "bfloat16")])
+def test_every_rank_writes_its_shards_into_the_engines_shared_memory(models: dict[str, Path], tmp_path: Path,
+                                                                     model: str, layout: str, dtype: str) -> None:
+    """rollout.weight_sync=shared_memory: with each rank writing only its own shards (no collective, nothing sent),
+    the engine holds exactly the checkpoint (cast to its dtype)."""
+    run_workers(_shared_worker, 2, str(models[model]), str(tmp_path), LAYOUTS[layout], dtype)
+    r0 = json.loads((tmp_path / "shared0.json").read_text())
+    assert r0["names"] and r0["different"] == []
 
 
 BIG = dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], vocab_size=512, hidden_size=256,

@@ -119,6 +119,56 @@ def test_a_killed_engine_is_restarted_resynced_and_its_prompts_sent_again(pool: 
         pool.generate(PROMPTS, PARAMS, n=2, seed=4)
 
 
+def _write_all(views: list[dict[str, torch.Tensor]], named: Iterator[tuple[str, torch.Tensor]]) -> None:
+    for name, t in named:
+        for v in views:
+            v[name].copy_(t)
+
+
+def test_shared_memory_updates_reach_every_engine_and_survive_a_restart(pool: EnginePool,
+                                                                        models: dict[str, Path]) -> None:
+    """weight_sync=shared_memory: the writer (in the trainer, every rank) copies into the engines' own weights
+    through their shared-memory files; the engines then report the version and sample from the new weights. A
+    restarted engine is resynced through disk and gets a new file; a failed write leaves the engines stale."""
+    from nsr_megatron.rollout.weight_sync import SharedMappings
+
+    pool.weight_sync = "shared_memory"
+    maps = SharedMappings()
+    layouts = pool.open_shared_update()
+    assert len({lay.id for lay in layouts}) == 2 and all(lay.path.startswith("/proc/") for lay in layouts)
+    _write_all(maps.views(layouts), hf_tensors(models["b"]))
+    pool.close_shared_update("4")
+    expected = {name: checksum(t) for name, t in hf_tensors(models["b"])}
+    for client in pool.clients:
+        assert client.weight_version() == "4"
+        sums = client.weights_checksums()
+        assert {n: sums[n] for n in expected} == expected
+    local = EmbeddedEngine(models["b"])
+    assert same(pool.generate(PROMPTS, PARAMS, n=2, seed=9), local.generate(PROMPTS, PARAMS, n=2, seed=9))
+
+    pool.resync = lambda engines: pool.update_weights(hf_tensors(models["b"]), version="4", engines=engines)
+    process = pool.launchers[1].process
+    assert process is not None
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    pool.healthy_or_recover()  # restarted from its launch weights (model a), resynced from disk to b
+    assert pool.clients[1].weight_version() == "4"
+    again = pool.open_shared_update()
+    assert again[0].id == layouts[0].id and again[1].id != layouts[1].id  # a new process, a new file
+    _write_all(maps.views(again), hf_tensors(models["a"]))
+    pool.close_shared_update("5")
+    assert same(pool.generate(PROMPTS, PARAMS, n=2, seed=9),
+                EmbeddedEngine(models["a"]).generate(PROMPTS, PARAMS, n=2, seed=9))
+
+    pool.open_shared_update()
+    with pytest.raises(RolloutError, match="update to version 6 failed .*could not write"):
+        pool.close_shared_update("6", written=False)
+    resynced: list[list[int]] = []
+    pool.resync = resynced.append
+    pool.healthy_or_recover()  # the sessions were closed; the stale engines get the current weights
+    assert resynced == [[0, 1]]
+
+
 # ------------------------------------------------------------------------------------------------ contract
 
 def call(url: str, path: str, body: Any = None, token: str | None = None, raw: bytes | None = None,
@@ -190,6 +240,9 @@ def test_contract_errors(served: tuple[str, str]) -> None:
     assert call(url, "/end_weight_update", {}, token) == (200, {"success": True, "message": "Success"})
     status, body = call(url, "/update_weights_from_tensor", {"serialized_named_tensors": ["x"]}, token)
     assert status == 400 and body["success"] is False and "never unpickles" in body["message"]
+    status, body = call(url, "/update_weights_from_shared_memory", {"weight_version": "2"}, token)
+    assert status == 400 and "between begin_weight_update() and end_weight_update()" in body["message"]
+    assert call(url, "/shared_weights", {"size": 1}, token)[0] == 400  # unknown field
     status, body = call(url, "/update_weights_from_disk", {"model_path": "/no/such/folder"}, token)
     assert status == 400 and body["success"] is False
     # Authorization: /health* is open, everything else needs the key.

@@ -202,6 +202,11 @@ def test_rollout_settings_that_need_a_gpu_or_a_venv_are_refused(model: Path, dat
     assert "SGLang returns them only on CUDA" in msg and "rollout.backend=server" in msg
     msg = refused(capsys, *base(model, data, run, "rollout.backend=server", "rollout.weight_sync=tensor"))
     assert "rollout.weight_sync=tensor" in msg and "use rollout.weight_sync=distributed" in msg
+    msg = refused(capsys, *base(model, data, run, "rollout.weight_sync=shared_memory"))  # the embedded engine
+    assert "needs rollout.backend=server" in msg and "take rollout.weight_sync=distributed" in msg
+    msg = refused(capsys, *base(model, data, run, "rollout.backend=server", "rollout.weight_sync=shared_memory",
+                                "rollout.urls=[http://10.0.0.7:30000]"))
+    assert "not ['http://10.0.0.7:30000']" in msg
     msg = refused(capsys, *base(model, data, run, "rollout.backend=sglang", "rollout.sglang.python=/no/such/python"))
     assert "rollout.sglang.python='/no/such/python', which does not exist" in msg and "setup_sglang.sh" in msg
     code, err = run_main(capsys, "validate", *base(model, data, run, "rollout.engine=http"))

@@ -430,10 +430,12 @@ def embedded_step1(tmp_path_factory: pytest.TempPathFactory) -> float:
     return float(read_metrics(run_dir)[0]["reward/mean"])
 
 
-@pytest.mark.parametrize("layout", [["parallel.tp=2", "parallel.sequence_parallel=true"], ["parallel.ep=2"]],
-                         ids=["tp2", "ep2"])
+@pytest.mark.parametrize("layout", [["parallel.tp=2", "parallel.sequence_parallel=true"],
+                                    ["parallel.ep=2", "rollout.weight_sync=shared_memory"]],
+                         ids=["tp2", "ep2-shared-memory"])
 def test_two_server_engines_under_torchrun_learn(tmp_path: Path, embedded_step1: float, layout: list[str]) -> None:
-    """The shipped quickstart with rollout.backend=server and two engines the trainer launches, under torchrun."""
+    """The shipped quickstart with rollout.backend=server and two engines the trainer launches, under torchrun;
+    under EP=2 the weights reach the engines through shared memory (each rank writes its own experts)."""
     run_dir = tmp_path / "run"
     _ok(run_cli("quickstart", "--no-progress", f"run.run_dir={run_dir}", "rollout.backend=server",
                 "rollout.num_engines=2", *layout, nproc=2))

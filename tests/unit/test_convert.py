@@ -392,3 +392,32 @@ def test_te_moe_norm_alias_and_tied_lm_head_are_accepted(models: dict[str, Path]
     hf_tied = read_all(models["qwen2-tied"])
     with_head = {**hf_tied, "lm_head.weight": hf_tied["model.embed_tokens.weight"]}
     assert "output_layer.weight" not in hf_state_to_canonical(tied, with_head)
+
+
+@pytest.mark.parametrize("name", ["qwen2-tied", "qwen3-moe-mixed"])
+def test_writing_blocks_into_hf_tensors_inverts_the_mapping(models: dict[str, Path], name: str) -> None:
+    """Every canonical tensor, cut into blocks that straddle qkv groups, the gate/up halves and columns (as
+    shards of any layout may), written block by block into HF tensors (the shared-memory weight sync): the result
+    is exactly canonical_to_hf of the whole tensor."""
+    import itertools
+
+    from nsr_megatron.config import read_hf_config
+    from nsr_megatron.convert import hf_state_to_canonical
+    from nsr_megatron.convert.sharded import write_canonical_block
+
+    arch = arch_from_hf(read_hf_config(models[name]))
+    canonical = hf_state_to_canonical(arch, read_all(models[name]))
+    for rule in weight_rules(arch):
+        full = canonical[rule.key]
+        want = canonical_to_hf(rule, full)
+        views = {n: torch.zeros_like(t) for n, t in want.items()}
+        cuts = [[0, max(1, n * 2 // 5), n] if n > 1 else [0, n] for n in full.shape]
+        spans = [list(itertools.pairwise(c)) for c in cuts]
+        for block_spans in itertools.product(*spans):
+            index = tuple(slice(a, b) for a, b in block_spans)
+            write_canonical_block(rule, views, tuple(a for a, _ in block_spans), full[index])
+        for n, t in want.items():
+            assert torch.equal(views[n], t), f"{rule.key} -> {n}"
+    with pytest.raises(ConvertError, match="lack"):
+        rule = weight_rules(arch)[0]
+        write_canonical_block(rule, {}, (0,) * len(rule.shape), canonical[rule.key])
