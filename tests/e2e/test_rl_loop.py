@@ -434,16 +434,21 @@ def embedded_step1(tmp_path_factory: pytest.TempPathFactory) -> float:
                                     ["parallel.ep=2", "rollout.weight_sync=shared_memory"]],
                          ids=["tp2", "ep2-shared-memory"])
 def test_two_server_engines_under_torchrun_learn(tmp_path: Path, embedded_step1: float, layout: list[str]) -> None:
-    """The shipped quickstart with rollout.backend=server and two engines the trainer launches, under torchrun;
-    under EP=2 the weights reach the engines through shared memory (each rank writes its own experts)."""
+    """The shipped quickstart with rollout.backend=server and two engines the trainer launches, under torchrun.
+    Under EP=2 the weights reach the engines through shared memory (each rank writes its own experts), and one
+    engine is SIGKILLed in step 3: it is restarted, resynced from disk (both ranks export), and mapped anew."""
     run_dir = tmp_path / "run"
-    _ok(run_cli("quickstart", "--no-progress", f"run.run_dir={run_dir}", "rollout.backend=server",
-                "rollout.num_engines=2", *layout, nproc=2))
+    args = ["--no-progress", "rollout.backend=server", "rollout.num_engines=2", *layout]
+    shared = "rollout.weight_sync=shared_memory" in layout
+    if shared:
+        assert "restarting it" in _run_killing_an_engine(run_dir, args, step=3, phase="rollout", nproc=2)
+    else:
+        _ok(run_cli("quickstart", f"run.run_dir={run_dir}", *args, nproc=2))
     rows = read_metrics(run_dir)
     summary = learning_summary([r["reward/mean"] for r in rows])
     assert summary.learned, summary.line()
     assert rows[0]["reward/mean"] == embedded_step1  # same weights, same per-prompt seeds, another engine
-    assert all(r["rollout/restarts"] == 0 for r in rows)
+    assert sum(r["rollout/restarts"] for r in rows) == (1 if shared else 0)
     assert sorted(p.name for p in (run_dir / "engines").iterdir()) == ["engine0.log", "engine1.log"]
 
 
@@ -453,12 +458,14 @@ def _engine_pids(hf_dir: Path) -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
-def _run_killing_an_engine(run_dir: Path, args: list[str], *, step: int, phase: str) -> str:
-    """Run the quickstart with ``args`` and SIGKILL its first engine process once ``status.json`` shows ``phase``
-    of ``step``; returns the run's stderr (the run must succeed and the kill must have happened)."""
-    proc = subprocess.Popen(_command(("quickstart", f"run.run_dir={run_dir}", *args), 1), cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "2"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # the threads of run_cli: the same rounding
+def _run_killing_an_engine(run_dir: Path, args: list[str], *, step: int, phase: str, nproc: int = 1) -> str:
+    """Run the quickstart with ``args`` on ``nproc`` ranks and SIGKILL its first engine process once
+    ``status.json`` shows ``phase`` of ``step``; returns the run's stderr (the run must succeed and the kill must
+    have happened)."""
+    threads = "2" if nproc == 1 else "1"  # the threads of run_cli: the same rounding
+    proc = subprocess.Popen(_command(("quickstart", f"run.run_dir={run_dir}", *args), nproc), cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": threads}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     victim = None
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline and victim is None:
