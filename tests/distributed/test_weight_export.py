@@ -10,8 +10,10 @@ shared-memory sync: each rank writes its own shards straight into a rollout engi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +46,25 @@ def _build(hf_dir: str, layout: dict[str, Any], rank: int, world: int, init: str
     return bundle, arch
 
 
-def _roundtrip_worker(rank: int, world: int, init: str, hf_dir: str, out: str, layout: dict[str, Any]) -> None:
+@contextlib.contextmanager
+def _forbidden(names: tuple[str, ...], message: str) -> Iterator[None]:
+    """While inside, the ``torch.distributed`` functions ``names`` raise ``AssertionError(message)``."""
     import torch.distributed as dist
+
+    def forbidden(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError(message)
+
+    saved = {name: getattr(dist, name) for name in names}
+    for name in names:
+        setattr(dist, name, forbidden)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(dist, name, fn)
+
+
+def _roundtrip_worker(rank: int, world: int, init: str, hf_dir: str, out: str, layout: dict[str, Any]) -> None:
 
     from nsr_megatron import parallel
     from nsr_megatron.convert.io import HFCheckpoint
@@ -56,28 +75,21 @@ def _roundtrip_worker(rank: int, world: int, init: str, hf_dir: str, out: str, l
     export = HFExport(bundle.module, arch)
     list(export.tensors())  # the first export builds the plan (one all_gather_object)
 
-    def forbidden(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("a world-wide collective ran during the export")
-
-    saved = {name: getattr(dist, name) for name in ("all_reduce", "all_gather", "all_gather_object", "broadcast",
-                                                     "all_gather_into_tensor", "reduce_scatter_tensor", "barrier")}
-    for name in saved:
-        setattr(dist, name, forbidden)
     ckpt = HFCheckpoint(hf_dir)
     report: dict[str, Any] = {"buckets": 0, "names": [], "different": [], "oversized": [],
                               "expected": sorted(ckpt.tensors)}
     try:
-        for bucket in buckets(export.tensors(), bucket_bytes=8 << 10):  # each checked before the next is packed
-            report["buckets"] += 1
-            for name, t in bucket.tensors():
-                report["names"].append(name)
-                if not torch.equal(t, ckpt.read(name).to(t.dtype)):
-                    report["different"].append(name)
-            if len(bucket.names) > 1 and bucket.nbytes > 8 << 10:
-                report["oversized"].append(bucket.nbytes)
+        with _forbidden(("all_reduce", "all_gather", "all_gather_object", "broadcast", "all_gather_into_tensor",
+                         "reduce_scatter_tensor", "barrier"), "a world-wide collective ran during the export"):
+            for bucket in buckets(export.tensors(), bucket_bytes=8 << 10):  # each checked before the next
+                report["buckets"] += 1
+                for name, t in bucket.tensors():
+                    report["names"].append(name)
+                    if not torch.equal(t, ckpt.read(name).to(t.dtype)):
+                        report["different"].append(name)
+                if len(bucket.names) > 1 and bucket.nbytes > 8 << 10:
+                    report["oversized"].append(bucket.nbytes)
     finally:
-        for name, fn in saved.items():
-            setattr(dist, name, fn)
         ckpt.close()
     with open(os.path.join(out, f"rank{rank}.json"), "w", encoding="utf-8") as f:
         json.dump(report, f)
@@ -111,18 +123,9 @@ def _shared_worker(rank: int, world: int, init: str, hf_dir: str, out: str, layo
     dist.broadcast_object_list(box, src=0)
     views = SharedMappings().views(box)
 
-    def forbidden(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("a collective ran during the shared-memory write")
-
-    saved = {name: getattr(dist, name) for name in ("all_reduce", "all_gather", "all_gather_object", "broadcast",
-                                                     "send", "recv", "barrier")}
-    for name in saved:
-        setattr(dist, name, forbidden)
-    try:
+    with _forbidden(("all_reduce", "all_gather", "all_gather_object", "broadcast", "send", "recv", "barrier"),
+                    "a collective ran during the shared-memory write"):
         export.write_into(views)
-    finally:
-        for name, fn in saved.items():
-            setattr(dist, name, fn)
     dist.barrier()
     report: dict[str, Any] = {"different": [], "names": []}
     if engine is not None:
