@@ -244,7 +244,12 @@ class SharedLayout:
                              f"{{name: {{dtype, shape, stride, offset}}}}: {exc!r}") from None
 
 
-_ALIGN = 64  # bytes: every parameter starts on a cache line
+_ALIGN = 64  # bytes: every parameter starts on a cache line; the file's first 64 bytes are its header
+
+
+def _header(layout_id: str) -> bytes:
+    """The first bytes of an engine's shared-weights file: a writer checks them before it maps the file."""
+    return f"nsr-megatron shared weights {layout_id}".encode().ljust(_ALIGN, b"\0")
 
 
 def share_parameters(params: Iterable[torch.nn.Parameter],
@@ -255,16 +260,17 @@ def share_parameters(params: Iterable[torch.nn.Parameter],
     if not hasattr(os, "memfd_create"):
         raise RuntimeError("shared-memory weights need Linux (os.memfd_create); use rollout.weight_sync=distributed.")
     unique = list({id(p): p for p in params}.values())
-    offsets, total = [], 0
+    offsets, total = [], _ALIGN
     for p in unique:
         if p.device.type != "cpu":
             raise RuntimeError(f"shared-memory weights are for CPU engines; a parameter lives on {p.device}.")
         offsets.append(total)
         total += -(-p.numel() * p.element_size() // _ALIGN) * _ALIGN
-    total = max(total, _ALIGN)
+    layout_id = uuid.uuid4().hex
     fd = os.memfd_create("nsr-engine-weights", 0)  # freed with the engine process (and the last mapping)
     os.ftruncate(fd, total)
     memory = torch.from_file(f"/proc/self/fd/{fd}", shared=True, size=total, dtype=torch.uint8)
+    memory[:_ALIGN].copy_(torch.frombuffer(bytearray(_header(layout_id)), dtype=torch.uint8))
     with torch.no_grad():
         for p, start in zip(unique, offsets, strict=True):
             n = p.numel() * p.element_size()
@@ -277,7 +283,7 @@ def share_parameters(params: Iterable[torch.nn.Parameter],
         if t.untyped_storage().data_ptr() != base:
             raise RuntimeError(f"shared-memory weights: {name} is not a view of the engine's parameters.")
         tensors[name] = (str(t.dtype).removeprefix("torch."), tuple(t.shape), tuple(t.stride()), int(t.storage_offset()))
-    layout = SharedLayout(id=uuid.uuid4().hex, path=f"/proc/{os.getpid()}/fd/{fd}", nbytes=total,
+    layout = SharedLayout(id=layout_id, path=f"/proc/{os.getpid()}/fd/{fd}", nbytes=total,
                           host=socket.gethostname(), tensors=tensors)
     return layout, memory
 
@@ -299,13 +305,23 @@ class SharedMappings:
         return [self._maps.get(lay.id) or self._map(lay) for lay in layouts]
 
     def _map(self, layout: SharedLayout) -> dict[str, torch.Tensor]:
+        # The path names a process's file descriptor: in another host's or PID namespace's view it may be another
+        # file, so the size and header are checked before anything is mapped (mapping could grow a file).
         try:
-            memory = torch.from_file(layout.path, shared=True, size=layout.nbytes, dtype=torch.uint8)
+            with open(layout.path, "rb") as f:
+                size, head = os.fstat(f.fileno()).st_size, f.read(_ALIGN)
+            problem = ("" if size == layout.nbytes and head == _header(layout.id) else
+                       f"it is not that engine's weights file ({size} bytes, header {head[:40]!r})")
+            memory = (torch.from_file(layout.path, shared=True, size=layout.nbytes, dtype=torch.uint8)
+                      if not problem else None)
         except (RuntimeError, OSError) as exc:
+            problem, memory = str(exc), None
+        if memory is None:
             raise RuntimeError(
                 f"cannot map the rollout engine's shared weights {layout.path} (engine host {layout.host}, this "
-                f"host {socket.gethostname()}): {exc}. rollout.weight_sync=shared_memory needs every trainer rank "
-                "on the engines' host, as the same user; use rollout.weight_sync=distributed otherwise.") from None
+                f"host {socket.gethostname()}): {problem}. rollout.weight_sync=shared_memory needs every trainer "
+                "rank on the engines' host and in its process namespace, as the same user; use "
+                "rollout.weight_sync=distributed otherwise.")
         views = {}
         for name, (dtype, shape, stride, offset) in layout.tensors.items():
             typed = memory.view(getattr(torch, dtype))

@@ -9,6 +9,7 @@ import re
 import threading
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -228,3 +229,28 @@ def test_bad_generate_requests_get_400_with_the_reason(served, payload, raw, mes
     error = json.loads(body)["error"]
     assert status == 400 and error["code"] == 400
     assert re.search(message, error["message"])
+
+
+def test_shared_weights_are_mapped_only_when_the_file_is_the_engines(tmp_path: Path) -> None:
+    """share_parameters moves parameters into a shared-memory file; a writer maps it only after checking its size
+    and header (a /proc/<pid>/fd path can name another file in another PID namespace), and never grows a file."""
+    import dataclasses
+
+    from nsr_megatron.rollout.weight_sync import SharedMappings, share_parameters
+
+    layer = torch.nn.Linear(8, 4)
+    want = layer.weight.detach().clone()
+    layout, memory = share_parameters(layer.parameters(), [("w", layer.weight), ("b", layer.bias)])
+    assert layer.weight.untyped_storage().data_ptr() == memory.untyped_storage().data_ptr()
+    assert torch.equal(layer.weight, want)  # moved, not changed
+    views = SharedMappings().views([layout])[0]
+    views["w"].fill_(2.0)  # written through another mapping of the same file
+    assert torch.equal(layer.weight, torch.full((4, 8), 2.0))
+
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"x" * 16)
+    for bad in (dataclasses.replace(layout, path=str(other)), dataclasses.replace(layout, nbytes=layout.nbytes * 2),
+                dataclasses.replace(layout, id="0" * 32)):
+        with pytest.raises(RuntimeError, match="not that engine's weights file.*weight_sync=distributed"):
+            SharedMappings().views([bad])
+    assert other.read_bytes() == b"x" * 16
