@@ -214,6 +214,12 @@ def _check_rollout(config: Config) -> None:
         from urllib.parse import urlparse
 
         remote = [u for u in r.urls if urlparse(u).hostname not in ("127.0.0.1", "localhost", "::1")]
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > int(os.environ.get("LOCAL_WORLD_SIZE", str(world))):
+            raise ConfigError(
+                f"rollout.weight_sync=shared_memory needs every trainer rank on the engines' host, but this run has "
+                f"{world} ranks over several nodes (LOCAL_WORLD_SIZE={os.environ.get('LOCAL_WORLD_SIZE')}); use "
+                "rollout.weight_sync=distributed.")
         if r.backend != "server" or remote or not hasattr(os, "memfd_create"):
             raise ConfigError(
                 "rollout.weight_sync=shared_memory lets every trainer rank write its shards straight into the memory "

@@ -194,7 +194,8 @@ def test_settings_that_do_nothing_are_named(model: Path, data: Path, tmp_path: P
 
 
 def test_rollout_settings_that_need_a_gpu_or_a_venv_are_refused(model: Path, data: Path, tmp_path: Path,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+                                                                 capsys: pytest.CaptureFixture[str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     run = tmp_path / "r"
     msg = refused(capsys, *base(model, data, run, "rollout.backend=sglang", "rollout.sglang.colocate=true"))
     assert "rollout.sglang.colocate=true shares the training GPUs" in msg and "needs CUDA" in msg
@@ -207,6 +208,10 @@ def test_rollout_settings_that_need_a_gpu_or_a_venv_are_refused(model: Path, dat
     msg = refused(capsys, *base(model, data, run, "rollout.backend=server", "rollout.weight_sync=shared_memory",
                                 "rollout.urls=[http://10.0.0.7:30000]"))
     assert "not ['http://10.0.0.7:30000']" in msg
+    monkeypatch.setenv("WORLD_SIZE", "16")  # two nodes of 8 ranks
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    msg = refused(capsys, *base(model, data, run, "rollout.backend=server", "rollout.weight_sync=shared_memory"))
+    assert "16 ranks over several nodes" in msg
     msg = refused(capsys, *base(model, data, run, "rollout.backend=sglang", "rollout.sglang.python=/no/such/python"))
     assert "rollout.sglang.python='/no/such/python', which does not exist" in msg and "setup_sglang.sh" in msg
     code, err = run_main(capsys, "validate", *base(model, data, run, "rollout.engine=http"))
