@@ -237,6 +237,9 @@ class SharedLayout:
             tensors = {str(n): (str(t["dtype"]), tuple(int(x) for x in t["shape"]),
                                 tuple(int(x) for x in t["stride"]), int(t["offset"]))
                        for n, t in body["tensors"].items()}
+            bad = sorted({d for d, _, _, _ in tensors.values() if not isinstance(getattr(torch, d, None), torch.dtype)})
+            if bad:
+                raise ValueError(f"dtype(s) {bad} are not torch dtype names")
             return cls(id=str(body["id"]), path=str(body["path"]), nbytes=int(body["nbytes"]), host=str(body["host"]),
                        tensors=tensors)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:

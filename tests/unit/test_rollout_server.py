@@ -254,3 +254,10 @@ def test_shared_weights_are_mapped_only_when_the_file_is_the_engines(tmp_path: P
         with pytest.raises(RuntimeError, match="not that engine's weights file.*weight_sync=distributed"):
             SharedMappings().views([bad])
     assert other.read_bytes() == b"x" * 16
+    from nsr_megatron.rollout.weight_sync import SharedLayout
+
+    body = layout.to_json()
+    assert SharedLayout.from_json(body) == layout
+    body["tensors"]["w"]["dtype"] = "load"  # not a dtype: refused when the reply is read
+    with pytest.raises(ValueError, match=r"dtype\(s\) \['load'\] are not torch dtype names"):
+        SharedLayout.from_json(body)
