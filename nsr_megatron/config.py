@@ -252,14 +252,16 @@ class RolloutConfig:
     ``weight_sync``: ``distributed`` (a broadcast over a process group the engines join), ``disk`` (a
     safetensors folder the engines load) or ``tensor`` (CUDA IPC handles, for SGLang engines colocated on the
     training GPUs), in buckets of ``update_bucket_mb``; or ``shared_memory`` (the project's server on the trainer's
-    host: every rank writes its own shards straight into the engines' weights, no buckets).
+    host: every rank writes its own shards straight into the engines' weights, no buckets). ``auto`` (default):
+    ``shared_memory`` for the project's server when the engines and every rank share this host (Linux), falling
+    back to ``distributed`` if the engines' memory cannot be mapped; ``distributed`` otherwise.
     """
 
     backend: Literal["embedded", "server", "sglang"] = "embedded"
     num_engines: int = 1
     urls: list[str] = field(default_factory=list)
     api_token: str = ""  # bearer token of the engines' weight endpoints (default: a fresh one per run)
-    weight_sync: Literal["distributed", "disk", "tensor", "shared_memory"] = "distributed"
+    weight_sync: Literal["auto", "distributed", "disk", "tensor", "shared_memory"] = "auto"
     # The address engines reach the trainer's weight-update group at: "" = 127.0.0.1 when every engine is on
     # loopback, else this host's name (engines on other nodes, rollout.urls).
     weight_group_host: str = ""

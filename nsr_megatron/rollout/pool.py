@@ -323,6 +323,7 @@ class EnginePool:
             if got != self.version:
                 raise RolloutError(f"rollout engine {k} reports weight_version {got!r} after the update to "
                                    f"{self.version!r}.")
+        self._stale.difference_update(targets)  # they hold the current weights now
         return count
 
     def open_shared_update(self) -> list[SharedLayout]:

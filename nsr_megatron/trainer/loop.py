@@ -482,7 +482,7 @@ def sync_weights(rt: Runtime, version: int) -> None:
     number of RL steps the weights have seen)."""
     from nsr_megatron.rollout.pool import RolloutError
 
-    if rt.config.rollout.weight_sync == "shared_memory":
+    if rt.weight_sync == "shared_memory":
         _sync_shared(rt, version)
         return
     named = rt.export.tensors()
@@ -504,7 +504,8 @@ def sync_weights(rt: Runtime, version: int) -> None:
 def _sync_shared(rt: Runtime, version: int) -> None:
     """``rollout.weight_sync=shared_memory``: the driver opens an update on its engines and tells every rank where
     their weights sit; each rank writes its own shards there (nothing moves between ranks); the driver then sets
-    the engines' version. A rank that cannot map the engines' memory stops the run on every rank, with the reason."""
+    the engines' version. A rank that cannot map the engines' memory stops the run on every rank, with the reason
+    (with ``auto``, every rank switches to the distributed path instead)."""
     from nsr_megatron.rollout.pool import EnginePool, RolloutError
 
     layouts = None
@@ -532,7 +533,14 @@ def _sync_shared(rt: Runtime, version: int) -> None:
         except RolloutError as exc:
             if not failed:
                 log.warning("%s", exc)
-    if failed:
+    if failed and rt.config.rollout.weight_sync == "auto":  # every rank saw the same errors: all switch
+        log.warning("rollout.weight_sync=auto: the engines' shared memory cannot be used (%s); weights go over the "
+                    "distributed path from now on.", failed[0])
+        rt.weight_sync = "distributed"
+        if isinstance(rt.engine, EnginePool):
+            rt.engine.weight_sync = "distributed"
+        sync_weights(rt, version)
+    elif failed:
         raise RuntimeError(failed[0])
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from nsr_megatron.config import Config, to_dict
+from nsr_megatron.config import Config, RolloutConfig, to_dict
 from nsr_megatron.data.datasets import EpochSampler, PromptDataset
 from nsr_megatron.models.hf_config import ArchSpec
 from nsr_megatron.parallel import ParallelState
@@ -58,6 +58,7 @@ class Runtime:
     dp_ranks: list[int] | None = None  # each world rank's data-parallel rank (the driver's hand-out of samples)
     prefetch: Any = None  # rollout.overlap: the next step's samples, sampled in the background (loop.Prefetch)
     restarts_seen: int = 0  # engine restarts already counted in a step's rollout/restarts
+    weight_sync: str = "distributed"  # rollout.weight_sync with ``auto`` resolved (weight_sync_mode)
     # rollout.weight_sync=shared_memory: this rank's mappings of the engines' weights, kept between syncs
     shared_weights: SharedMappings = field(default_factory=SharedMappings)
     start_step: int = 0
@@ -130,12 +131,27 @@ def _pool(config: Config, state: ParallelState, run_dir: Path) -> RolloutEngine:
                                      colocate=r.sglang.colocate, extra_args=r.sglang.extra_args, env=r.sglang.env,
                                      routed_experts=wants_routed_experts(config, arch))
     pool = EnginePool(launchers=launchers, urls=r.urls, token=r.api_token if r.urls else token,
-                      weight_sync=r.weight_sync, bucket_bytes=r.update_bucket_mb << 20,
+                      weight_sync=weight_sync_mode(r), bucket_bytes=r.update_bucket_mb << 20,
                       weights_dir=run_dir / "rollout_weights", hf_path=config.model.hf_path,
                       max_restarts=r.max_restarts, request_timeout_s=r.request_timeout_s,
                       colocate=r.backend == "sglang" and r.sglang.colocate, topk=arch.moe_topk,
                       group_host=weight_group_host(r.weight_group_host, r.urls))
     return pool.start()
+
+
+def weight_sync_mode(r: RolloutConfig) -> str:
+    """``rollout.weight_sync`` with ``auto`` resolved: ``shared_memory`` for the project's server when its engines
+    (launched here, or attached on loopback) and every rank of the run share this host, on Linux; else
+    ``distributed``. Ranks over several nodes are told by torchrun's ``WORLD_SIZE`` > ``LOCAL_WORLD_SIZE``."""
+    if r.weight_sync != "auto":
+        return r.weight_sync
+    from urllib.parse import urlparse
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    one_node = world <= int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    local = all(urlparse(u).hostname in ("127.0.0.1", "localhost", "::1") for u in r.urls)
+    return "shared_memory" if r.backend == "server" and local and one_node and hasattr(os, "memfd_create") \
+        else "distributed"
 
 
 def weight_group_host(configured: str, urls: list[str]) -> str:
@@ -265,6 +281,7 @@ def build_runtime(config: Config, inputs: RunInputs, *, world_size: int) -> Runt
         routing_log=(RoutingLog(run_dir, resume_step=start_step if inputs.resume_from is not None else None)
                      if config.profile.routing == "full" and state.rank == 0 else None),
         routed_experts=wants_routed_experts(config, arch),
+        weight_sync=weight_sync_mode(config.rollout),
         start_step=start_step,
         resumed=inputs.resume_from is not None,
         counters=counters,

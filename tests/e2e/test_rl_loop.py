@@ -4,6 +4,7 @@ could not do, and runs under torchrun and against an HTTP rollout server."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -248,8 +249,9 @@ def test_resume_under_another_layout_reshards(tmp_path: Path) -> None:
 @pytest.mark.parametrize("layout", [["parallel.tp=2", "parallel.sequence_parallel=true"], ["parallel.ep=2"],
                                     ["parallel.pp=2"]], ids=["tp2", "ep2", "pp2"])
 def test_torchrun_layouts_match_single_process(tmp_path: Path, layout: list[str]) -> None:
-    """Each layout trains like one process, and the project's server it pushes to (over a gloo weight group)
-    then holds exactly ``mcore-to-hf`` of the checkpoint the run saved, bitwise."""
+    """Each layout trains like one process, and the project's server it pushes to (over a gloo weight group:
+    rollout.weight_sync=distributed, not auto's shared memory) then holds exactly ``mcore-to-hf`` of the checkpoint
+    the run saved, bitwise."""
     from nsr_megatron.convert import mcore_to_hf
     from nsr_megatron.rollout import HttpEngine
     from tests.e2e.test_engine_pool import checksum, hf_tensors
@@ -259,7 +261,7 @@ def test_torchrun_layouts_match_single_process(tmp_path: Path, layout: list[str]
     _ok(run_cli("quickstart", f"run.run_dir={single}", *common))
     with project_server(single / "hf-init", port=_free_port()) as url:
         _ok(run_cli("quickstart", f"run.run_dir={multi}", *common, *layout, "rollout.backend=server",
-                    f"rollout.urls=[{url}]", f"model.hf_path={single / 'hf-init'}",
+                    "rollout.weight_sync=distributed", f"rollout.urls=[{url}]", f"model.hf_path={single / 'hf-init'}",
                     f"data.path={single / 'data' / 'echo.jsonl'}", nproc=2))
         engine = HttpEngine(url)
         assert engine.weight_version() == "2"
@@ -430,9 +432,10 @@ def embedded_step1(tmp_path_factory: pytest.TempPathFactory) -> float:
     return float(read_metrics(run_dir)[0]["reward/mean"])
 
 
-@pytest.mark.parametrize("layout", [["parallel.tp=2", "parallel.sequence_parallel=true"],
-                                    ["parallel.ep=2", "rollout.weight_sync=shared_memory"]],
-                         ids=["tp2", "ep2-shared-memory"])
+@pytest.mark.parametrize("layout", [
+    ["parallel.tp=2", "parallel.sequence_parallel=true", "rollout.weight_sync=distributed"],
+    ["parallel.ep=2", "rollout.weight_sync=shared_memory"]],
+                         ids=["tp2-distributed", "ep2-shared-memory"])
 def test_two_server_engines_under_torchrun_learn(tmp_path: Path, embedded_step1: float, layout: list[str]) -> None:
     """The shipped quickstart with rollout.backend=server and two engines the trainer launches, under torchrun.
     Under EP=2 the weights reach the engines through shared memory (each rank writes its own experts), and one
@@ -521,3 +524,42 @@ def test_dense_tied_qwen2_trains(tmp_path: Path) -> None:
                 "rollout.prompts_per_step=8", "rollout.samples_per_prompt=4"))
     rows = read_metrics(run_dir)
     assert len(rows) == 2 and rows[0]["grad_norm"] > 0
+
+
+def test_auto_weight_sync_falls_back_to_the_distributed_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """rollout.weight_sync=auto (the default) with a server engine on this host syncs through shared memory; when
+    the engine's memory cannot be mapped (here: mapping fails as it does across PID namespaces) the run switches
+    to the distributed path and samples exactly as a run that used it from the start."""
+    from nsr_megatron import parallel
+    from nsr_megatron.cli import CONFIGS_DIR, prepare_quickstart
+    from nsr_megatron.config import load_config
+    from nsr_megatron.rollout.weight_sync import SharedMappings
+    from nsr_megatron.trainer.loop import train
+
+    def run(name: str, *overrides: str) -> list[dict[str, float]]:
+        config = load_config(CONFIGS_DIR / "quickstart.yaml", [
+            f"run.run_dir={tmp_path / name}", "run.steps=3", "checkpoint.save_interval=0", "rollout.backend=server",
+            "rollout.prompts_per_step=8", "rollout.samples_per_prompt=4", *overrides])
+        config = prepare_quickstart(config, task="echo", num_prompts=256, where=tmp_path)
+        try:
+            rt = train(config, progress=False)
+        finally:
+            parallel.destroy()
+        assert rt.weight_sync == ("distributed" if overrides else "shared_memory")
+        return read_metrics(tmp_path / name)
+
+    shared = run("auto")
+
+    def unmappable(self: SharedMappings, layout: object) -> None:
+        raise RuntimeError("cannot map the rollout engine's shared weights (simulated)")
+
+    monkeypatch.setattr(SharedMappings, "_map", unmappable)
+    with caplog.at_level(logging.WARNING):
+        fallback = run("fallback", "rollout.weight_sync=auto")
+    assert "weights go over the distributed path from now on" in caplog.text
+    monkeypatch.undo()
+    distributed = run("distributed", "rollout.weight_sync=distributed")
+    for rows in (shared, fallback):
+        assert [r["reward/mean"] for r in rows] == [r["reward/mean"] for r in distributed]
+        assert [r["grad_norm"] for r in rows] == pytest.approx([r["grad_norm"] for r in distributed], rel=1e-6)

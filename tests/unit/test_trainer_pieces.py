@@ -89,3 +89,24 @@ def test_the_on_policy_shortcut_applies_only_where_the_old_forward_adds_nothing(
                      "loss.mis_low=0.5", "loss.mis_high=2.0", "algorithm.routing_replay=R2"):
         assert not applies(1, None, override), override
     assert applies(1, None, "algorithm.routing_replay=R3")
+
+
+def test_auto_weight_sync_uses_shared_memory_only_for_server_engines_on_this_host(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from nsr_megatron.config import RolloutConfig
+    from nsr_megatron.trainer.runtime import weight_sync_mode
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert RolloutConfig().weight_sync == "auto"
+    assert weight_sync_mode(RolloutConfig(backend="server")) == "shared_memory"
+    assert weight_sync_mode(RolloutConfig(backend="server", urls=["http://localhost:30000"])) == "shared_memory"
+    assert weight_sync_mode(RolloutConfig(backend="server", urls=["http://10.0.0.7:30000"])) == "distributed"
+    assert weight_sync_mode(RolloutConfig(backend="sglang")) == "distributed"
+    assert weight_sync_mode(RolloutConfig()) == "distributed"  # the embedded engine
+    assert weight_sync_mode(RolloutConfig(backend="server", weight_sync="disk")) == "disk"  # explicit wins
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert weight_sync_mode(RolloutConfig(backend="server")) == "shared_memory"  # torchrun on one node
+    monkeypatch.setenv("WORLD_SIZE", "8")  # two nodes of 4
+    assert weight_sync_mode(RolloutConfig(backend="server")) == "distributed"
