@@ -263,6 +263,9 @@ def build_runtime(config: Config, inputs: RunInputs, *, world_size: int) -> Runt
             reference.offload_weights()
     if dist.is_initialized():
         dist.barrier()
+    if state.rank == 0 and config.rollout.backend != "embedded":
+        log.info("rollout: weights reach the engines by %s (rollout.weight_sync=%s)", weight_sync_mode(config.rollout),
+                 config.rollout.weight_sync)
     return Runtime(
         config=config,
         arch=arch,

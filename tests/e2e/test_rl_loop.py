@@ -4,7 +4,6 @@ could not do, and runs under torchrun and against an HTTP rollout server."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import signal
@@ -526,40 +525,25 @@ def test_dense_tied_qwen2_trains(tmp_path: Path) -> None:
     assert len(rows) == 2 and rows[0]["grad_norm"] > 0
 
 
-def test_auto_weight_sync_falls_back_to_the_distributed_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                            caplog: pytest.LogCaptureFixture) -> None:
+def test_auto_weight_sync_falls_back_to_the_distributed_path(tmp_path: Path) -> None:
     """rollout.weight_sync=auto (the default) with a server engine on this host syncs through shared memory; when
-    the engine's memory cannot be mapped (here: mapping fails as it does across PID namespaces) the run switches
-    to the distributed path and samples exactly as a run that used it from the start."""
-    from nsr_megatron import parallel
-    from nsr_megatron.cli import CONFIGS_DIR, prepare_quickstart
-    from nsr_megatron.config import load_config
-    from nsr_megatron.rollout.weight_sync import SharedMappings
-    from nsr_megatron.trainer.loop import train
-
-    def run(name: str, *overrides: str) -> list[dict[str, float]]:
-        config = load_config(CONFIGS_DIR / "quickstart.yaml", [
-            f"run.run_dir={tmp_path / name}", "run.steps=3", "checkpoint.save_interval=0", "rollout.backend=server",
-            "rollout.prompts_per_step=8", "rollout.samples_per_prompt=4", *overrides])
-        config = prepare_quickstart(config, task="echo", num_prompts=256, where=tmp_path)
-        try:
-            rt = train(config, progress=False)
-        finally:
-            parallel.destroy()
-        assert rt.weight_sync == ("distributed" if overrides else "shared_memory")
-        return read_metrics(tmp_path / name)
-
-    shared = run("auto")
-
-    def unmappable(self: SharedMappings, layout: object) -> None:
-        raise RuntimeError("cannot map the rollout engine's shared weights (simulated)")
-
-    monkeypatch.setattr(SharedMappings, "_map", unmappable)
-    with caplog.at_level(logging.WARNING):
-        fallback = run("fallback", "rollout.weight_sync=auto")
-    assert "weights go over the distributed path from now on" in caplog.text
-    monkeypatch.undo()
-    distributed = run("distributed", "rollout.weight_sync=distributed")
-    for rows in (shared, fallback):
-        assert [r["reward/mean"] for r in rows] == [r["reward/mean"] for r in distributed]
-        assert [r["grad_norm"] for r in rows] == pytest.approx([r["grad_norm"] for r in distributed], rel=1e-6)
+    the engine's memory cannot be mapped (``tests/e2e/unmappable.py`` makes mapping fail as it does across PID
+    namespaces) the run warns, switches to the distributed path and samples exactly as a run that used it from
+    the start."""
+    common = ["--no-progress", "run.steps=3", "rollout.prompts_per_step=8", "rollout.samples_per_prompt=4",
+              "rollout.backend=server"]
+    auto, fallback, distributed = tmp_path / "auto", tmp_path / "fallback", tmp_path / "distributed"
+    proc = run_cli("quickstart", f"run.run_dir={auto}", *common)
+    _ok(proc)
+    assert "weights reach the engines by shared_memory (rollout.weight_sync=auto)" in proc.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}  # run_cli's threads: the same rounding
+    proc = subprocess.run([sys.executable, "-m", "tests.e2e.unmappable", "quickstart", f"run.run_dir={fallback}",
+                           *common], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    _ok(proc)
+    assert "weights go over the distributed path from now on" in proc.stderr and "(simulated)" in proc.stderr
+    _ok(run_cli("quickstart", f"run.run_dir={distributed}", *common, "rollout.weight_sync=distributed"))
+    want = read_metrics(distributed)
+    for run_dir in (auto, fallback):
+        rows = read_metrics(run_dir)
+        assert [r["reward/mean"] for r in rows] == [r["reward/mean"] for r in want]
+        assert [r["grad_norm"] for r in rows] == pytest.approx([r["grad_norm"] for r in want], rel=1e-6)
