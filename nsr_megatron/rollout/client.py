@@ -26,11 +26,14 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from nsr_megatron.rollout.engine import Generation, SamplingParams, prompt_seeds
+
+if TYPE_CHECKING:
+    from nsr_megatron.rollout.weight_sync import SharedLayout
 
 __all__ = ["EngineAborted", "EngineError", "EngineUnreachable", "HttpEngine", "TOKEN_ENV"]
 
@@ -185,7 +188,7 @@ class HttpEngine:
         self._weights("/update_weights_from_disk",
                       {"model_path": model_path, "weight_version": weight_version, "flush_cache": True})
 
-    def shared_weights(self) -> Any:
+    def shared_weights(self) -> SharedLayout:
         """The project's server only: its weights moved into shared memory, and where each tensor sits there
         (a :class:`~nsr_megatron.rollout.weight_sync.SharedLayout`)."""
         from nsr_megatron.rollout.weight_sync import SharedLayout

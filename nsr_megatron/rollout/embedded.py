@@ -461,6 +461,11 @@ class EmbeddedEngine:
             self._shared = share_parameters(self.model.parameters(), self.named_weights())
         return self._shared[0]
 
+    @property
+    def shares_weights(self) -> bool:
+        """Whether :meth:`share_weights` moved the weights into shared memory."""
+        return self._shared is not None
+
     def flush_cache(self) -> None:
         """No-op: the engine keeps no KV or prefix cache between ``generate`` calls (each call builds its own)."""
 

@@ -122,7 +122,6 @@ class RolloutServer:
         self._resumed = threading.Event()
         self._resumed.set()
         self._session = False
-        self._shared = False  # the weights live in shared memory that trainer ranks write
         self._groups: dict[str, JoinedGroup] = {}
         self._inbox: torch.Tensor | None = None  # receive buffer of flattened buckets
         self._thread: threading.Thread | None = None
@@ -307,7 +306,6 @@ class RolloutServer:
                 layout = self.engine.share_weights()
             except RuntimeError as exc:
                 raise WeightError(f"Failed to share weights: {exc}") from exc
-        self._shared = True
         return {"success": True, "message": "Success", **layout.to_json()}
 
     def update_from_shared(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -315,7 +313,7 @@ class RolloutServer:
             raise WeightError("update_weights_from_shared_memory must run between begin_weight_update() and "
                               "end_weight_update()")
         f = _require_fields(body, (), optional=("weight_version", "flush_cache"))
-        if not self._shared:
+        if not self.engine.shares_weights:
             raise WeightError("the weights are not in shared memory; call /shared_weights first")
         with self._lock:  # the writers are done: later generations see the new weights
             if f.get("weight_version") is not None:

@@ -211,15 +211,14 @@ def _check_rollout(config: Config) -> None:
             "needs rollout.backend=sglang, rollout.sglang.colocate=true and CUDA; use rollout.weight_sync=distributed "
             "(or disk) otherwise.")
     if r.weight_sync == "shared_memory":
-        from urllib.parse import urlparse
+        from nsr_megatron.trainer.runtime import ranks_span_nodes, remote_urls
 
-        remote = [u for u in r.urls if urlparse(u).hostname not in ("127.0.0.1", "localhost", "::1")]
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > int(os.environ.get("LOCAL_WORLD_SIZE", str(world))):
+        remote = remote_urls(r.urls)
+        if ranks_span_nodes():
             raise ConfigError(
-                f"rollout.weight_sync=shared_memory needs every trainer rank on the engines' host, but this run has "
-                f"{world} ranks over several nodes (LOCAL_WORLD_SIZE={os.environ.get('LOCAL_WORLD_SIZE')}); use "
-                "rollout.weight_sync=distributed.")
+                "rollout.weight_sync=shared_memory needs every trainer rank on the engines' host, but this run has "
+                f"{os.environ['WORLD_SIZE']} ranks over several nodes (LOCAL_WORLD_SIZE="
+                f"{os.environ['LOCAL_WORLD_SIZE']}); use rollout.weight_sync=distributed.")
         if r.backend != "server" or remote or not hasattr(os, "memfd_create"):
             raise ConfigError(
                 "rollout.weight_sync=shared_memory lets every trainer rank write its shards straight into the memory "

@@ -139,28 +139,34 @@ def _pool(config: Config, state: ParallelState, run_dir: Path) -> RolloutEngine:
     return pool.start()
 
 
+def remote_urls(urls: list[str]) -> list[str]:
+    """The engine URLs that are not on loopback (engines on other hosts)."""
+    from urllib.parse import urlparse
+
+    return [u for u in urls if urlparse(u).hostname not in ("127.0.0.1", "localhost", "::1")]
+
+
+def ranks_span_nodes() -> bool:
+    """Whether this run's ranks are on several nodes (torchrun's ``WORLD_SIZE`` > ``LOCAL_WORLD_SIZE``)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world > int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+
+
 def weight_sync_mode(r: RolloutConfig) -> str:
     """``rollout.weight_sync`` with ``auto`` resolved: ``shared_memory`` for the project's server when its engines
     (launched here, or attached on loopback) and every rank of the run share this host, on Linux; else
-    ``distributed``. Ranks over several nodes are told by torchrun's ``WORLD_SIZE`` > ``LOCAL_WORLD_SIZE``."""
+    ``distributed``."""
     if r.weight_sync != "auto":
         return r.weight_sync
-    from urllib.parse import urlparse
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    one_node = world <= int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    local = all(urlparse(u).hostname in ("127.0.0.1", "localhost", "::1") for u in r.urls)
-    return "shared_memory" if r.backend == "server" and local and one_node and hasattr(os, "memfd_create") \
-        else "distributed"
+    shared = r.backend == "server" and not remote_urls(r.urls) and not ranks_span_nodes()
+    return "shared_memory" if shared and hasattr(os, "memfd_create") else "distributed"
 
 
 def weight_group_host(configured: str, urls: list[str]) -> str:
     """The address engines reach the weight-update group at (``rollout.weight_group_host``)."""
-    from urllib.parse import urlparse
-
     if configured:
         return configured
-    if all(urlparse(u).hostname in ("127.0.0.1", "localhost", "::1") for u in urls):
+    if not remote_urls(urls):
         return "127.0.0.1"
     import socket
 
@@ -263,8 +269,9 @@ def build_runtime(config: Config, inputs: RunInputs, *, world_size: int) -> Runt
             reference.offload_weights()
     if dist.is_initialized():
         dist.barrier()
+    weight_sync = weight_sync_mode(config.rollout)
     if state.rank == 0 and config.rollout.backend != "embedded":
-        log.info("rollout: weights reach the engines by %s (rollout.weight_sync=%s)", weight_sync_mode(config.rollout),
+        log.info("rollout: weights reach the engines by %s (rollout.weight_sync=%s)", weight_sync,
                  config.rollout.weight_sync)
     return Runtime(
         config=config,
@@ -284,7 +291,7 @@ def build_runtime(config: Config, inputs: RunInputs, *, world_size: int) -> Runt
         routing_log=(RoutingLog(run_dir, resume_step=start_step if inputs.resume_from is not None else None)
                      if config.profile.routing == "full" and state.rank == 0 else None),
         routed_experts=wants_routed_experts(config, arch),
-        weight_sync=weight_sync_mode(config.rollout),
+        weight_sync=weight_sync,
         start_step=start_step,
         resumed=inputs.resume_from is not None,
         counters=counters,

@@ -23,19 +23,25 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, nproc: int = 1, timeout: int = 900,
-            threads: int | None = None, preexec: object = None) -> subprocess.CompletedProcess[str]:
-    n = threads if threads is not None else (1 if nproc > 1 else 2)
+            threads: int | None = None, preexec: object = None,
+            module: str = "nsr_megatron.cli") -> subprocess.CompletedProcess[str]:
+    n = threads if threads is not None else _threads(nproc)
     full_env = {**os.environ, "OMP_NUM_THREADS": str(n), **(env or {})}
-    cmd = _command(args, nproc)
+    cmd = _command(args, nproc, module)
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout,
                           preexec_fn=preexec)  # type: ignore[arg-type]
 
 
-def _command(args: tuple[str, ...], nproc: int) -> list[str]:
+def _threads(nproc: int) -> int:
+    """Torch threads per rank of the CLI runs: 2 for one process, 1 under torchrun (2 cores)."""
+    return 1 if nproc > 1 else 2
+
+
+def _command(args: tuple[str, ...], nproc: int, module: str = "nsr_megatron.cli") -> list[str]:
     if nproc > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--master_port", str(_free_port()), "-m", "nsr_megatron.cli", *args]
-    return [sys.executable, "-m", "nsr_megatron.cli", *args]
+                "--master_port", str(_free_port()), "-m", module, *args]
+    return [sys.executable, "-m", module, *args]
 
 
 def _free_port() -> int:
@@ -464,10 +470,9 @@ def _run_killing_an_engine(run_dir: Path, args: list[str], *, step: int, phase: 
     """Run the quickstart with ``args`` on ``nproc`` ranks and SIGKILL its first engine process once
     ``status.json`` shows ``phase`` of ``step``; returns the run's stderr (the run must succeed and the kill must
     have happened)."""
-    threads = "2" if nproc == 1 else "1"  # the threads of run_cli: the same rounding
     proc = subprocess.Popen(_command(("quickstart", f"run.run_dir={run_dir}", *args), nproc), cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": threads}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            env={**os.environ, "OMP_NUM_THREADS": str(_threads(nproc))}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # run_cli's threads: the same rounding
     victim = None
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline and victim is None:
@@ -536,9 +541,7 @@ def test_auto_weight_sync_falls_back_to_the_distributed_path(tmp_path: Path) -> 
     proc = run_cli("quickstart", f"run.run_dir={auto}", *common)
     _ok(proc)
     assert "weights reach the engines by shared_memory (rollout.weight_sync=auto)" in proc.stderr
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}  # run_cli's threads: the same rounding
-    proc = subprocess.run([sys.executable, "-m", "tests.e2e.unmappable", "quickstart", f"run.run_dir={fallback}",
-                           *common], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_cli("quickstart", f"run.run_dir={fallback}", *common, module="tests.e2e.unmappable")
     _ok(proc)
     assert "weights go over the distributed path from now on" in proc.stderr and "(simulated)" in proc.stderr
     _ok(run_cli("quickstart", f"run.run_dir={distributed}", *common, "rollout.weight_sync=distributed"))
