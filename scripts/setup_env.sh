@@ -9,6 +9,9 @@
 # Prints the python to use on its last line.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+TOOL=setup
+# shellcheck source=scripts/venv_common.sh
+. "$ROOT/scripts/venv_common.sh"
 TORCH_VERSION=${NSR_TORCH_VERSION:-2.13.0}
 EXTRAS=${NSR_EXTRAS:-dev}
 
@@ -29,7 +32,8 @@ else
   PY="$VENV/bin/python"
 fi
 
-pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+# No download cache: a CUDA build of torch would be kept twice (cache and venv).
+pip_install() { "$PY" -m pip install --disable-pip-version-check --no-cache-dir -q "$@"; }
 
 if "$PY" -c "import torch" >/dev/null 2>&1; then
   echo "setup: keeping torch $("$PY" -c 'import torch; print(torch.__version__)')" >&2
@@ -37,12 +41,8 @@ elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; the
   echo "setup: GPU found, installing torch==$TORCH_VERSION (CUDA build)" >&2
   pip_install "torch==$TORCH_VERSION"
 else
-  CPU_INDEX=${NSR_TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
-  if "$PY" - "$CPU_INDEX" >/dev/null 2>&1 <<'PYEOF'
-import sys, urllib.request
-urllib.request.urlopen(sys.argv[1] + "/torch/", timeout=3)
-PYEOF
-  then
+  CPU_INDEX=$(torch_cpu_index "$PY")
+  if [ -n "$CPU_INDEX" ]; then
     echo "setup: no GPU, installing torch==$TORCH_VERSION CPU build from $CPU_INDEX" >&2
     pip_install "torch==$TORCH_VERSION" --extra-index-url "$CPU_INDEX"
   else

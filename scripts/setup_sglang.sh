@@ -3,8 +3,10 @@
 #
 # - The venv is $NSR_SGLANG_VENV (default $ROOT/.venv-sglang); it is never the project's own venv, because
 #   sglang 0.5.23 pins torch 2.14.1 (+ torchvision 0.29.1) while the project uses torch 2.13.
-# - sglang is installed with --no-deps, then its pure-Python dependencies with torch/torchvision held by a
-#   constraints file. The CUDA-only dependencies (flashinfer, sglang-kernel, flash-attn, deep-gemm, deep-ep,
+# - torch and torchvision are installed first: the CPU build from PyTorch's CPU index where that is reachable
+#   ($NSR_TORCH_CPU_INDEX), else PyPI's CUDA build (it runs on the CPU; about 7 GB in the venv in all, and up to
+#   about 3.5 GB more in pip's temporary directory while it downloads). Then sglang with --no-deps, then its
+#   pure-Python dependencies with torch/torchvision held by a constraints file. pip keeps no download cache. The CUDA-only dependencies (flashinfer, sglang-kernel, flash-attn, deep-gemm, deep-ep,
 #   cutlass-dsl, tilelang, ...) are left out: on a CPU machine the server runs with SGLANG_USE_CPU_ENGINE=1 and
 #   the test-only stand-in tests/sglang_stub/sgl_kernel on PYTHONPATH (see shared/SGLANG.md, section 1).
 # - Idempotent: a venv that already passes the import probe is reused in seconds.
@@ -30,6 +32,7 @@ PYEOF
 }
 
 TOOL=setup_sglang
+VENV_VARIABLE=NSR_SGLANG_VENV
 # shellcheck source=scripts/venv_common.sh
 . "$ROOT/scripts/venv_common.sh"
 reuse_or_create "sglang $SGLANG_VERSION with torch $TORCH_VERSION" 11
@@ -37,24 +40,27 @@ reuse_or_create "sglang $SGLANG_VERSION with torch $TORCH_VERSION" 11
 LOG="$VENV/setup_sglang.log"
 CONSTRAINTS="$VENV/sglang-constraints.txt"
 printf 'torch==%s\ntorchvision==%s\n' "$TORCH_VERSION" "$TORCHVISION_VERSION" > "$CONSTRAINTS"
-
-pip_install() {
-  local what=$1; shift
-  echo "setup_sglang: installing $what" >&2
-  if ! "$PY" -m pip install --disable-pip-version-check --no-input -c "$CONSTRAINTS" "$@" >>"$LOG" 2>&1; then
-    tail -n 15 "$LOG" >&2
-    die "could not install $what (full pip log: $LOG)"
-  fi
-}
-
 : > "$LOG"
-pip_install "sglang==$SGLANG_VERSION (no deps)" --no-deps "sglang==$SGLANG_VERSION"
+
+# torch first, on its own: where PyTorch's CPU index is reachable it gives the CPU build (under 1 GB); otherwise
+# PyPI's build, which carries CUDA's libraries (about 5.5 GB in the venv; it runs on the CPU). One pip call for
+# it and one for the rest keeps the downloaded wheels pip holds at once to torch's own.
+CPU_INDEX=$(torch_cpu_index "$PY")
+if [ -n "$CPU_INDEX" ]; then
+  TORCH_FROM=(--extra-index-url "$CPU_INDEX")
+  check_space 3000
+else
+  TORCH_FROM=()
+  check_space 10000
+fi
+venv_pip_install "torch==$TORCH_VERSION, torchvision==$TORCHVISION_VERSION${CPU_INDEX:+ (CPU build from $CPU_INDEX)}" \
+  -c "$CONSTRAINTS" "${TORCH_FROM[@]}" "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
+venv_pip_install "sglang==$SGLANG_VERSION (no deps)" -c "$CONSTRAINTS" --no-deps "sglang==$SGLANG_VERSION"
 # sglang's requirements (0.5.23 METADATA) less the CUDA-only ones: flashinfer_python, sglang-kernel,
 # flash-attn-4, sgl-deep-gemm, sgl-deep-ep, sgl-flash-mla, nvidia-cutlass-dsl, nvidia-mathdx, nvshmem4py-cu13,
 # tilelang, quack-kernels, humming-kernels, cuda-python, torch_memory_saver, torchaudio, torchcodec,
-# deepseek-recipe, tml-renderers (and the build tools build, ninja).
-pip_install "torch==$TORCH_VERSION, torchvision==$TORCHVISION_VERSION and sglang's pure-Python dependencies" \
-  "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" \
+# deepseek-recipe, tml-renderers (and the build tools build, ninja). torch and torchvision stay as installed.
+venv_pip_install "sglang's pure-Python dependencies" -c "$CONSTRAINTS" \
   "transformers==5.19.0" "tokenizers==0.23.2" "xgrammar==0.2.7" "openai==2.8.0" "openai-harmony==0.0.4" \
   "outlines==0.1.11" "timm==1.0.25" "numba==0.65.1" "apache-tvm-ffi==0.1.11" "compressed-tensors==0.18.0" \
   "blobfile==3.0.0" "sentencepiece==0.2.1" "soundfile==0.13.1" "llguidance>=1.7.6,<2.0.0" "kernels>=0.14.1,<0.15" \

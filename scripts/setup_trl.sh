@@ -26,6 +26,7 @@ PYEOF
 }
 
 TOOL=setup_trl
+VENV_VARIABLE=NSR_TRL_VENV
 # shellcheck source=scripts/venv_common.sh
 . "$ROOT/scripts/venv_common.sh"
 reuse_or_create "trl $TRL_VERSION with torch $TORCH_VERSION" 10
@@ -33,18 +34,11 @@ reuse_or_create "trl $TRL_VERSION with torch $TORCH_VERSION" 10
 LOG="$VENV/setup_trl.log"
 : > "$LOG"
 
-pip_install() {
-  local what=$1; shift
-  echo "setup_trl: installing $what" >&2
-  if ! "$PY" -m pip install --disable-pip-version-check --no-input "$@" >>"$LOG" 2>&1; then
-    tail -n 15 "$LOG" >&2
-    die "could not install $what (full pip log: $LOG)"
-  fi
-}
-
-pip_install "torch==$TORCH_VERSION" "torch==$TORCH_VERSION"
+CPU_INDEX=$(torch_cpu_index "$PY")
+venv_pip_install "torch==$TORCH_VERSION${CPU_INDEX:+ (CPU build from $CPU_INDEX)}" \
+  ${CPU_INDEX:+--extra-index-url "$CPU_INDEX"} "torch==$TORCH_VERSION"
 # torch stays pinned while trl's dependencies are resolved, so pip cannot swap in another build.
-pip_install "trl==$TRL_VERSION and its dependencies" "trl==$TRL_VERSION" "torch==$TORCH_VERSION"
+venv_pip_install "trl==$TRL_VERSION and its dependencies" "trl==$TRL_VERSION" "torch==$TORCH_VERSION"
 
 if ! probe >>"$LOG" 2>&1; then
   tail -n 15 "$LOG" >&2
