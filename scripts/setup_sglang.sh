@@ -4,11 +4,12 @@
 # - The venv is $NSR_SGLANG_VENV (default $ROOT/.venv-sglang); it is never the project's own venv, because
 #   sglang 0.5.23 pins torch 2.14.1 (+ torchvision 0.29.1) while the project uses torch 2.13.
 # - torch and torchvision are installed first: the CPU build from PyTorch's CPU index where that is reachable
-#   ($NSR_TORCH_CPU_INDEX), else PyPI's CUDA build (it runs on the CPU; about 7 GB in the venv in all, and up to
-#   about 3.5 GB more in pip's temporary directory while it downloads). Then sglang with --no-deps, then its
-#   pure-Python dependencies with torch/torchvision held by a constraints file. pip keeps no download cache. The CUDA-only dependencies (flashinfer, sglang-kernel, flash-attn, deep-gemm, deep-ep,
-#   cutlass-dsl, tilelang, ...) are left out: on a CPU machine the server runs with SGLANG_USE_CPU_ENGINE=1 and
-#   the test-only stand-in tests/sglang_stub/sgl_kernel on PYTHONPATH (see shared/SGLANG.md, section 1).
+#   ($NSR_TORCH_CPU_INDEX), else PyPI's CUDA build, which runs on the CPU (its disk use: where it is installed,
+#   below). Then sglang with --no-deps, then its pure-Python dependencies with torch/torchvision held by a
+#   constraints file. pip keeps no download cache. The CUDA-only dependencies (flashinfer, sglang-kernel,
+#   flash-attn, deep-gemm, deep-ep, cutlass-dsl, tilelang, ...) are left out: on a CPU machine the server runs with
+#   SGLANG_USE_CPU_ENGINE=1 and the test-only stand-in tests/sglang_stub/sgl_kernel on PYTHONPATH (see
+#   shared/SGLANG.md, section 1).
 # - Idempotent: a venv that already passes the import probe is reused in seconds.
 # Prints the venv's python on its last line.
 set -euo pipefail
@@ -42,19 +43,14 @@ CONSTRAINTS="$VENV/sglang-constraints.txt"
 printf 'torch==%s\ntorchvision==%s\n' "$TORCH_VERSION" "$TORCHVISION_VERSION" > "$CONSTRAINTS"
 : > "$LOG"
 
-# torch first, on its own: where PyTorch's CPU index is reachable it gives the CPU build (under 1 GB); otherwise
-# PyPI's build, which carries CUDA's libraries (about 5.5 GB in the venv; it runs on the CPU). One pip call for
-# it and one for the rest keeps the downloaded wheels pip holds at once to torch's own.
+# torch first, on its own: where PyTorch's CPU index is reachable it gives the CPU build; otherwise PyPI's build,
+# which carries CUDA's libraries (it runs on the CPU; 7 GB in the venv in all, and at most 8.2 GB of disk measured
+# while installing, with the wheels downloaded). One pip call for it and one for the rest keeps the downloaded
+# wheels pip holds at once to torch's own.
 CPU_INDEX=$(torch_cpu_index "$PY")
-if [ -n "$CPU_INDEX" ]; then
-  TORCH_FROM=(--extra-index-url "$CPU_INDEX")
-  check_space 3000
-else
-  TORCH_FROM=()
-  check_space 10000
-fi
+if [ -n "$CPU_INDEX" ]; then check_space 3000; else check_space 9000; fi  # MiB; 3000 is an estimate, not measured
 venv_pip_install "torch==$TORCH_VERSION, torchvision==$TORCHVISION_VERSION${CPU_INDEX:+ (CPU build from $CPU_INDEX)}" \
-  -c "$CONSTRAINTS" "${TORCH_FROM[@]}" "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
+  -c "$CONSTRAINTS" ${CPU_INDEX:+--extra-index-url "$CPU_INDEX"} "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
 venv_pip_install "sglang==$SGLANG_VERSION (no deps)" -c "$CONSTRAINTS" --no-deps "sglang==$SGLANG_VERSION"
 # sglang's requirements (0.5.23 METADATA) less the CUDA-only ones: flashinfer_python, sglang-kernel,
 # flash-attn-4, sgl-deep-gemm, sgl-deep-ep, sgl-flash-mla, nvidia-cutlass-dsl, nvidia-mathdx, nvshmem4py-cu13,

@@ -318,11 +318,7 @@ class EnginePool:
             self._stale.update(targets)
             raise RolloutError(f"the weight update to version {self.version} failed ({exc}); the engines are brought "
                                "to the current weights before the next rollout.") from exc
-        for k in targets:
-            got = self.clients[k].weight_version()
-            if got != self.version:
-                raise RolloutError(f"rollout engine {k} reports weight_version {got!r} after the update to "
-                                   f"{self.version!r}.")
+        self._check_versions(targets)
         self._stale.difference_update(targets)  # they hold the current weights now
         return count
 
@@ -363,11 +359,15 @@ class EnginePool:
             self._stale.update(range(len(self.clients)))
             raise RolloutError(f"the shared-memory weight update to version {version} failed ({problem}); the "
                                "engines are brought to the current weights before the next rollout.")
-        for k, client in enumerate(self.clients):
-            got = client.weight_version()
-            if got != version:
+        self._check_versions(range(len(self.clients)))
+
+    def _check_versions(self, engines: Iterable[int]) -> None:
+        """Raise :class:`RolloutError` unless each of ``engines`` reports the pool's weight version."""
+        for k in engines:
+            got = self.clients[k].weight_version()
+            if got != self.version:
                 raise RolloutError(f"rollout engine {k} reports weight_version {got!r} after the update to "
-                                   f"{version!r}.")
+                                   f"{self.version!r}.")
 
     @staticmethod
     def _end_sessions(clients: Sequence[HttpEngine]) -> None:
