@@ -236,7 +236,7 @@ def test_shared_weights_are_mapped_only_when_the_file_is_the_engines(tmp_path: P
     and header (a /proc/<pid>/fd path can name another file in another PID namespace), and never grows a file."""
     import dataclasses
 
-    from nsr_megatron.rollout.weight_sync import SharedMappings, share_parameters
+    from nsr_megatron.rollout.weight_sync import SharedLayout, SharedMappings, share_parameters
 
     layer = torch.nn.Linear(8, 4)
     want = layer.weight.detach().clone()
@@ -254,7 +254,6 @@ def test_shared_weights_are_mapped_only_when_the_file_is_the_engines(tmp_path: P
         with pytest.raises(RuntimeError, match="not that engine's weights file.*weight_sync=distributed"):
             SharedMappings().views([bad])
     assert other.read_bytes() == b"x" * 16
-    from nsr_megatron.rollout.weight_sync import SharedLayout
 
     body = layout.to_json()
     assert SharedLayout.from_json(body) == layout
