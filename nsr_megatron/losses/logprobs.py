@@ -53,14 +53,20 @@ def _scaled(z: Tensor, dtype: torch.dtype, inv_temperature: float) -> Tensor:
     return x * inv_temperature if inv_temperature != 1.0 else x
 
 
-def _chunks(rows: int, length: int, chunk: int) -> list[tuple[int, slice]]:
-    """(row, token slice) pieces of at most ``chunk`` tokens covering [rows, length]."""
-    return [(i, slice(a, min(a + chunk, length))) for i in range(rows) for a in range(0, length, chunk)]
+def _chunks(rows: int, length: int, chunk: int) -> list[tuple[slice, slice]]:
+    """(row slice, token slice) blocks of at most ``chunk`` tokens covering [rows, length]: whole rows
+    together while a row fits in a chunk (many short rows: a few large blocks, not one small block per row),
+    else pieces of one row."""
+    if length <= chunk:
+        per = chunk // max(length, 1)
+        return [(slice(r, min(r + per, rows)), slice(0, length)) for r in range(0, rows, per)]
+    return [(slice(i, i + 1), slice(a, min(a + chunk, length))) for i in range(rows) for a in range(0, length, chunk)]
 
 
 class _LogProbEntropy(torch.autograd.Function):
-    """Works on logits [R, S, Vp] whose last dimension is contiguous (a 2-D slice ``logits[i, a:b]`` is
-    then a plain [C, Vp] matrix even if the 3-D tensor is itself a slice such as ``logits[:, :-1]``)."""
+    """Works on logits [R, S, Vp] whose last dimension is contiguous (the 3-D tensor may itself be a slice
+    such as ``logits[:, :-1]``). A block ``logits[rows, a:b]`` [r, C, Vp] is reduced over its last dimension;
+    the [r, C, Vp] temporaries are fresh and contiguous, so they are handled as [r * C, Vp] matrices."""
 
     @staticmethod
     def forward(
@@ -83,31 +89,36 @@ class _LogProbEntropy(torch.autograd.Function):
         logz = torch.empty(rows, length, dtype=dtype, device=logits.device)  # [R, S]
         entropy = torch.empty_like(logz)  # [R, S]
         logprob = torch.empty_like(logz)  # [R, S]
-        for i, c in _chunks(rows, length, chunk):
-            x = _scaled(logits[i, c], dtype, inv_t)  # [C, Vp]
-            top = x.amax(dim=1)  # [C] local max
-            shifted = x.sub_(top[:, None]) if fresh else x - top[:, None]  # [C, Vp]
-            target = torch.where(in_shard[i, c], shifted.gather(1, index[i, c, None]).squeeze(1) + top, 0.0)
-            e = shifted.exp()  # [C, Vp]
-            s = e.sum(dim=1)  # [C]
-            sx = torch.bmm(e[:, None, :], shifted[:, :, None]).view(-1)  # [C] sum e * (x - top)
+        for r, c in _chunks(rows, length, chunk):
+            x = _scaled(logits[r, c], dtype, inv_t)  # [r, C, Vp]
+            top = x.amax(dim=-1)  # [r, C] local max
+            shifted = x.sub_(top[..., None]) if fresh else x - top[..., None]  # [r, C, Vp]
+            shifted = shifted.reshape(-1, vp)  # [r * C, Vp] (fresh and contiguous: a view)
+            top = top.reshape(-1)  # [r * C]
+            picked = shifted.gather(1, index[r, c].reshape(-1, 1)).squeeze(1) + top  # [r * C]
+            target = torch.where(in_shard[r, c].reshape(-1), picked, 0.0)  # [r * C]
+            e = shifted.exp()  # [r * C, Vp]
+            s = e.sum(dim=1)  # [r * C]
+            sx = torch.bmm(e[:, None, :], shifted[:, :, None]).view(-1)  # [r * C] sum e * (x - top)
             del e, shifted, x
             if world > 1:
                 n = len(s)
-                stats = torch.stack([top, s, sx, target])  # [4, C]
-                every = torch.empty((world * 4, n), dtype=dtype, device=logits.device)  # [W * 4, C]
+                stats = torch.stack([top, s, sx, target])  # [4, n]
+                every = torch.empty((world * 4, n), dtype=dtype, device=logits.device)  # [W * 4, n]
                 dist.all_gather_into_tensor(every, stats, group=group)
-                tops, ss, sxs, tgts = every.view(world, 4, n).unbind(1)  # [W, C] each
-                top = tops.amax(dim=0)  # [C] global max
-                shift = tops - top  # [W, C] <= 0
-                scale = shift.exp()  # [W, C]
+                tops, ss, sxs, tgts = every.view(world, 4, n).unbind(1)  # [W, n] each
+                top = tops.amax(dim=0)  # [n] global max
+                shift = tops - top  # [W, n] <= 0
+                scale = shift.exp()  # [W, n]
                 s = (ss * scale).sum(dim=0)
                 sx = ((sxs + shift * ss) * scale).sum(dim=0)
                 target = tgts.sum(dim=0)
             logs = s.log()
-            logz[i, c] = top + logs
-            entropy[i, c] = logs - sx / s
-            logprob[i, c] = target - logz[i, c]
+            block = logz[r, c].shape  # (r, C)
+            z = top + logs
+            logz[r, c] = z.view(block)
+            entropy[r, c] = (logs - sx / s).view(block)
+            logprob[r, c] = (target - z).view(block)
         ctx.save_for_backward(logits, index, in_shard, logz, entropy)
         ctx.set_materialize_grads(False)
         ctx.inv_t, ctx.chunk = inv_t, chunk  # type: ignore[attr-defined]
@@ -124,23 +135,23 @@ class _LogProbEntropy(torch.autograd.Function):
         if g_logprob is None:
             g_logprob = torch.zeros_like(logz)
         g_logprob = g_logprob.to(dtype)  # [R, S]
-        for i, c in _chunks(rows, length, chunk):
-            out = grad[i, c] if grad.dtype == dtype else None  # [C, Vp]
-            x = _scaled(logits[i, c], dtype, inv_t)  # [C, Vp]
+        for r, c in _chunks(rows, length, chunk):
+            out = grad[r, c] if grad.dtype == dtype else None  # [r, C, Vp]
+            x = _scaled(logits[r, c], dtype, inv_t)  # [r, C, Vp]
             # x - logZ, into the gradient buffer when the dtypes match, else into x (then a fresh copy)
-            t = torch.sub(x, logz[i, c, None], out=out) if out is not None else x.sub_(logz[i, c, None])
+            t = torch.sub(x, logz[r, c, None], out=out) if out is not None else x.sub_(logz[r, c, None])
             if g_entropy is None:
-                coef: Tensor = g_logprob[i, c, None]  # [C, 1]
+                coef: Tensor = g_logprob[r, c, None]  # [r, C, 1]
             else:  # d/dx of (g_lp * logprob + g_H * H) = g_lp 1[v = y] - p (g_lp + g_H (x - logZ + H))
-                coef = torch.add(t, entropy[i, c, None]).mul_(g_entropy[i, c, None].to(dtype))
-                coef.add_(g_logprob[i, c, None])  # [C, Vp]
-            p = t.exp_()  # [C, Vp]
+                coef = torch.add(t, entropy[r, c, None]).mul_(g_entropy[r, c, None].to(dtype))
+                coef.add_(g_logprob[r, c, None])  # [r, C, Vp]
+            p = t.exp_()  # [r, C, Vp]
             p.mul_(coef).neg_()
-            p.scatter_add_(1, index[i, c, None], (g_logprob[i, c] * in_shard[i, c])[:, None])
+            p.scatter_add_(2, index[r, c, None], (g_logprob[r, c] * in_shard[r, c])[..., None])
             if inv_t != 1.0:
                 p.mul_(inv_t)
             if out is None:
-                grad[i, c].copy_(p)
+                grad[r, c].copy_(p)
         return grad, None, None, None, None, None
 
 

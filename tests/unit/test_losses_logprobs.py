@@ -100,3 +100,22 @@ def test_sliced_3d_logits_are_used_in_place_and_match() -> None:
     torch.testing.assert_close(ent, ent_ref)
     torch.testing.assert_close(got, full.grad)
     assert got is not None and torch.equal(got[:, -1], torch.zeros(3, 40))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_whole_row_blocks_equal_row_pieces(temperature: float) -> None:
+    """A [B, S, V] slice is walked in blocks of whole rows when a row fits in a chunk, in pieces of one row
+    otherwise; values and gradients are the same either way, bit for bit."""
+    g = torch.Generator().manual_seed(4)
+    full = torch.randn(13, 10, 48, generator=g, requires_grad=True)  # [B, S, V]
+    y = torch.randint(0, 48, (13, 9), generator=g)
+    w = torch.randn(13, 9, generator=g)
+    results = []
+    for chunk in (4, 9, 20, 1000):  # pieces of rows, one row per block, 2 rows per block, all rows at once
+        full.grad = None
+        lp, ent = vocab_parallel_logprobs_entropy(full[:, :-1], y, temperature=temperature, chunk_size=chunk)
+        (lp * w + 0.5 * ent).sum().backward()
+        results.append((lp.detach(), ent.detach(), full.grad.clone()))
+    for got in results[1:]:
+        for a, b in zip(got, results[0], strict=True):
+            assert torch.equal(a, b)
