@@ -35,6 +35,11 @@ megatron-core code it addresses:
 7. Activation recompute (``tensor_parallel/random.py`` ``CheckpointFunction.backward``,
    ``CheckpointWithoutOutput._recompute``) reruns layers inside ``torch.autograd.backward``, which part 2's
    mode handles, and a mode is off while its own handler runs: these two run under a fresh instance of it.
+8. ``distributed/param_and_grad_buffer.py`` reduce-scatters the gradient buffer and all-gathers the parameter
+   buffer in place (each rank's shard is a view into the whole buffer) on every optimizer step. In a group of
+   one rank the shard is the whole buffer and there is nothing to move, but gloo copies it anyway (NCCL does
+   not): three copies of the whole buffer per step here. Those calls return at once when the group has one member
+   and the shard is the buffer itself (an exact no-op: the values stay the same bits).
 
 The sequence-parallel-capable RMSNorm that ``WrappedTorchNorm`` lacks is a model component and
 lives in :mod:`nsr_megatron.models.norm`, not here.
@@ -203,6 +208,25 @@ class _RngWarningFilter(logging.Filter):
 _INSTALLED: dict[str, Any] = {}
 
 
+def _skip_in_place_single(collective: Callable[..., Any]) -> Callable[..., Any]:
+    """``collective(output, input, group=..., async_op=...)`` (all-gather or reduce-scatter into a tensor),
+    skipped when ``group`` has one rank and ``input`` is ``output`` itself (same memory, same size): the
+    result would be the input, bit for bit. Anything else, and asynchronous calls, go to ``collective``
+    (looked up as ``__wrapped__`` at each call)."""
+    import torch.distributed as dist
+
+    def call(output: torch.Tensor, input: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        group = kwargs.get("group", args[1] if len(args) > 1 else None)
+        if (not kwargs.get("async_op", False) and output.data_ptr() == input.data_ptr()
+                and output.numel() == input.numel() and output.dtype == input.dtype
+                and dist.get_world_size(group) == 1):
+            return None
+        return call.__wrapped__(output, input, *args, **kwargs)  # type: ignore[attr-defined]
+
+    call.__wrapped__ = collective  # type: ignore[attr-defined]
+    return call
+
+
 def cpu_compat_installed() -> bool:
     return bool(_INSTALLED)
 
@@ -285,6 +309,13 @@ def install_cpu_compat() -> bool:
     _INSTALLED["recompute"] = (CheckpointFunction.backward, CheckpointWithoutOutput._recompute)
     CheckpointFunction.backward = staticmethod(_with_mode(CheckpointFunction.backward))  # type: ignore[method-assign]
     CheckpointWithoutOutput._recompute = _with_mode(CheckpointWithoutOutput._recompute)  # type: ignore[method-assign]
+
+    # Part 8: the DDP buffers' in-place collectives in a group of one rank.
+    from megatron.core.distributed import param_and_grad_buffer as buffers
+
+    _INSTALLED["buffer_collectives"] = (buffers.dist_all_gather_func, buffers.dist_reduce_scatter_func)
+    buffers.dist_all_gather_func = _skip_in_place_single(buffers.dist_all_gather_func)
+    buffers.dist_reduce_scatter_func = _skip_in_place_single(buffers.dist_reduce_scatter_func)
 
     # Part 2: device mapping for literal "cuda" factories, .cuda(), .type() names.
     mode = _CudaToCpuMode()
