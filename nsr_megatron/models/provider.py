@@ -17,7 +17,7 @@ from nsr_megatron.config import ModelConfig, OptimizerConfig, ParallelConfig
 from nsr_megatron.models.hf_config import ArchSpec, transformer_config
 from nsr_megatron.models.norm import RMSNorm
 
-__all__ = ["ModelBundle", "build_model", "layer_specs", "use_transformer_engine"]
+__all__ = ["ModelBundle", "build_model", "fuse_torch_adam", "layer_specs", "use_transformer_engine"]
 
 
 def use_transformer_engine(model: ModelConfig) -> bool:
@@ -31,6 +31,31 @@ def use_transformer_engine(model: ModelConfig) -> bool:
             "install the 'gpu' extra on a CUDA machine or set model.transformer_impl=auto."
         )
     return have
+
+
+def fuse_torch_adam(optimizer: Any) -> int:
+    """Run torch's Adam/AdamW inside a megatron optimizer as one fused kernel per step where torch has one
+    for the parameters' device (CPU and CUDA): megatron falls back to torch's optimizer without Transformer
+    Engine / apex and leaves it to torch's default, which on CPU is one Python-level update per parameter
+    (16 ms against 5 ms a step on the 7.1M-parameter bench model, bench/RESULTS.md). The update is the same
+    arithmetic, rounded within an ulp of the per-parameter loop. Also re-applied after a checkpoint load,
+    whose ``param_groups`` carry the saving run's choice. Returns how many parameter groups are fused."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    supported = set(_get_fused_kernels_supported_devices())
+    fused = 0
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None or type(inner) not in (torch.optim.Adam, torch.optim.AdamW):
+            continue  # TE's or apex's fused Adam, or another optimizer: left as it is
+        for group in inner.param_groups:
+            params = group["params"]
+            if group.get("differentiable") or not params:
+                continue
+            if all(p.device.type in supported and p.dtype.is_floating_point for p in params):
+                group["fused"], group["foreach"] = True, False
+                fused += 1
+    return fused
 
 
 def _local_layer_spec(arch: ArchSpec, moe: bool) -> Any:
@@ -226,4 +251,5 @@ def build_model(
         use_distributed_optimizer=parallel.use_distributed_optimizer,
     )
     megatron_opt = get_megatron_optimizer(mcore_opt_config, [ddp], use_gloo_process_groups=torch.cuda.is_available())
+    fuse_torch_adam(megatron_opt)
     return ModelBundle(role=role, arch=arch, config=config, module=ddp, optimizer=megatron_opt)

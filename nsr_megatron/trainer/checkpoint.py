@@ -312,5 +312,8 @@ def load_checkpoint(
     if optimizer is not None:
         optimizer.load_state_dict(_conform(loaded["optimizer"], sharded["optimizer"]))
         _unshare_adam_steps(optimizer)
+        from nsr_megatron.models.provider import fuse_torch_adam
+
+        fuse_torch_adam(optimizer)  # the loaded param_groups carry the saving run's setting
 
     return info

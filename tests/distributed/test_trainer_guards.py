@@ -3,7 +3,9 @@
 * a non-finite log-prob, loss or gradient skips the optimizer step and leaves the weights and the Adam state
   bitwise unchanged, and the loop counts it;
 * an offloaded reference model holds no weight storage except during its own forward, and the weights it gets
-  back are the right ones.
+  back are the right ones;
+* the policy's torch Adam runs fused, takes the step torch's per-parameter Adam takes (to float rounding),
+  and stays fused across a checkpoint load.
 """
 
 from __future__ import annotations
@@ -149,3 +151,51 @@ def test_offloaded_reference_holds_its_weights_only_while_in_use(tmp_path: Path)
     write_jsonl(tmp_path / "echo.jsonl", echo_rows(64))
     run(offload_worker, 1, tmp_path)
 
+
+
+def _inner_adams(bundle: Any) -> list[Any]:
+    return [opt.optimizer for opt in getattr(bundle.optimizer, "chained_optimizers", [bundle.optimizer])]
+
+
+def fused_adam_worker(rank: int, world_size: int, root: Path) -> None:
+    from nsr_megatron.trainer import loop
+    from nsr_megatron.trainer.checkpoint import load_checkpoint, save_checkpoint
+
+    rt = _runtime(root)
+    loop.rl_step(rt, 0, _phases(rt))  # Adam has state now
+    inner = _inner_adams(rt.policy)
+    assert inner and all(g["fused"] is True and not g["foreach"] for o in inner for g in o.param_groups)
+    g = torch.Generator().manual_seed(0)
+    for opt in inner:
+        params = [p for group in opt.param_groups for p in group["params"]]
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        for p, t in zip(params, twins, strict=True):
+            t.grad = p.grad.clone()
+        hyper = {k: opt.param_groups[0][k] for k in ("lr", "betas", "eps", "weight_decay")}
+        ref = type(opt)(twins, **hyper, foreach=False, fused=False)
+        for p, t in zip(params, twins, strict=True):
+            ref.state[t] = {k: v.detach().clone() for k, v in opt.state[p].items()}
+        opt.step()
+        ref.step()
+        for p, t in zip(params, twins, strict=True):
+            torch.testing.assert_close(p.detach(), t.detach(), rtol=2e-6, atol=1e-7)
+            torch.testing.assert_close(opt.state[p]["exp_avg_sq"], ref.state[t]["exp_avg_sq"], rtol=2e-6, atol=0)
+            assert float(opt.state[p]["step"]) == float(ref.state[t]["step"]) > 1
+    # A checkpoint saved with the per-parameter update loads fused again.
+    for opt in inner:
+        for group in opt.param_groups:
+            group["fused"] = None
+    save_checkpoint(root / "ckpt", 1, rt.policy.module, rt.policy.optimizer)
+    load_checkpoint(root / "ckpt" / "step_00000001", rt.policy.module, rt.policy.optimizer)
+    assert all(g["fused"] is True for o in _inner_adams(rt.policy) for g in o.param_groups)
+    metrics = loop.rl_step(rt, 1, _phases(rt))
+    assert metrics["grad_norm"] is not None and metrics["grad_norm"] > 0
+    rt.scorer.close()
+
+
+def test_the_policy_adam_is_fused_and_takes_torchs_step(tmp_path: Path) -> None:
+    make_tiny_model(tmp_path / "hf")
+    write_jsonl(tmp_path / "echo.jsonl", echo_rows(64))
+    run(fused_adam_worker, 1, tmp_path)
