@@ -9,9 +9,8 @@ Nothing here imports megatron or touches a GPU. The estimate follows how this pr
 - **optimizer**: Adam's two moments, plus fp32 master weights when the parameters are bf16/fp16, 4 bytes each,
   divided over the data-parallel ranks with the distributed optimizer (experts over the expert-data-parallel ranks).
 - **activations** of one micro-batch of ``batch`` sequences of ``seq`` tokens per layer: the tensors autograd keeps,
-  per token (Korthikanti et al. 2022; with Transformer Engine: flash attention, no ``s x s`` term, fused norms;
-  megatron's local layers, as without TE, also keep the ``heads x s x s`` scores and probabilities and the norms'
-  outputs). In the parameters' dtype (bf16 on GPUs; fp32 in the CPU check). Divided over TP with
+  per token (Korthikanti et al. 2022; flash attention, no ``s x s`` term: TE's, or torch's SDPA in this project's
+  local layers; TE also fuses the norms, while the local layers, as without TE, also keep the norms' outputs). In the parameters' dtype (bf16 on GPUs; fp32 in the CPU check). Divided over TP with
   sequence parallelism. 1F1B keeps up to PP micro-batches in flight on the first stage. Full recompute keeps only
   each layer's input plus one layer's full set.
 - **logits**: the last stage's ``[tokens, vocab / TP]`` fp32 logits, their softmax and gradient (3 copies) and the
@@ -118,11 +117,11 @@ def _stage_layers(arch: ArchSpec, pp: int) -> list[list[int]]:
     return [list(range(s * per, (s + 1) * per)) for s in range(pp)]
 
 
-def plan_memory(arch: ArchSpec, layout: Layout, *, params_dtype: str, micro_batch_tokens: int, micro_batch_seqs: int,
+def plan_memory(arch: ArchSpec, layout: Layout, *, params_dtype: str, micro_batch_tokens: int,
                 recompute: str = "", fp8: bool = False, te: bool = True,
                 colocated_fraction: float = 0.0, gpu_bytes: float = 0.0) -> Plan:
-    """The memory plan of ``arch`` under ``layout``: ``micro_batch_tokens`` tokens per micro-batch in sequences of
-    ``micro_batch_tokens / micro_batch_seqs`` tokens."""
+    """The memory plan of ``arch`` under ``layout`` with ``micro_batch_tokens`` tokens per micro-batch (attention
+    is flash attention, so no term grows with the sequence length)."""
     counts = count_parameters(arch)
     pbytes = _BYTES[params_dtype]
     tp, pp, ep, etp = layout.tp, layout.pp, layout.ep, layout.etp
@@ -149,8 +148,8 @@ def plan_memory(arch: ArchSpec, layout: Layout, *, params_dtype: str, micro_batc
         grads = 4 * n
         main = 4 if pbytes < 4 else 0  # fp32 master weights of bf16/fp16 parameters
         opt = (8 + main) * (dense_params / layout.dp + expert_params / layout.expert_dp)
-        act_full, act_rc = _activations(arch, layers, layout, micro_batch_tokens, micro_batch_seqs, fp8=fp8,
-                                        flash=te, in_flight=pp - stage, act_bytes=pbytes, te=te)
+        act_full, act_rc = _activations(arch, layers, layout, micro_batch_tokens, fp8=fp8,
+                                        in_flight=pp - stage, act_bytes=pbytes, te=te)
         parts = {"parameters": pbytes * n, "gradients": grads, "optimizer": opt,
                  "activations": act_rc if recompute == "full" else act_full}
         if fp8:
@@ -170,8 +169,8 @@ def plan_memory(arch: ArchSpec, layout: Layout, *, params_dtype: str, micro_batc
     return plan
 
 
-def _activations(arch: ArchSpec, layers: list[int], layout: Layout, tokens: int, seqs: int, *, fp8: bool,
-                 flash: bool, in_flight: int, act_bytes: int = 2, te: bool = True) -> tuple[float, float]:
+def _activations(arch: ArchSpec, layers: list[int], layout: Layout, tokens: int, *, fp8: bool,
+                 in_flight: int, act_bytes: int = 2, te: bool = True) -> tuple[float, float]:
     """(without recompute, with full recompute) activation bytes of one pipeline stage."""
     h, d = arch.hidden_size, arch.head_dim
     q, kv = arch.num_heads * d, arch.num_kv_heads * d
@@ -188,9 +187,6 @@ def _activations(arch: ArchSpec, layers: list[int], layout: Layout, tokens: int,
             + (q + 2 * kv) * a / tp  # Q, K, V after RoPE
             + q * a / tp + 4 * arch.num_heads / tp  # attention output and log-sum-exp (flash)
             + q * g / tp)  # output-projection input
-    seq = tokens / max(seqs, 1)
-    if not flash:  # local attention keeps the scores, the probabilities and the dropout-free softmax output
-        attn += 3 * arch.num_heads / tp * seq * 4
     per_layer = []
     for layer in layers:
         if arch.is_moe and arch.moe_layers[layer]:
@@ -261,7 +257,7 @@ def plan_from_config(config: Any, arch: ArchSpec, world: int, gpu_bytes: float, 
     tokens = max(config.algorithm.max_tokens_per_micro_batch, seq)
     colocated = config.rollout.backend == "sglang" and config.rollout.sglang.colocate and not config.rollout.urls
     return plan_memory(arch, lay, params_dtype=config.model.params_dtype, micro_batch_tokens=tokens,
-                       micro_batch_seqs=max(1, tokens // seq), recompute=config.model.recompute,
+                       recompute=config.model.recompute,
                        fp8=bool(config.model.fp8), te=config.model.transformer_impl != "local",
                        colocated_fraction=config.rollout.sglang.mem_fraction if colocated else 0.0,
                        gpu_bytes=gpu_bytes)

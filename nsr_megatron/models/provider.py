@@ -61,6 +61,8 @@ def fuse_torch_adam(optimizer: Any) -> int:
 def _local_layer_spec(arch: ArchSpec, moe: bool) -> Any:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
+    from nsr_megatron.models.attention import SDPAttention
+
     spec = get_gpt_layer_local_spec(
         num_experts=arch.num_experts if moe else None,
         moe_grouped_gemm=False,
@@ -72,6 +74,7 @@ def _local_layer_spec(arch: ArchSpec, moe: bool) -> Any:
     sub.input_layernorm = RMSNorm
     sub.pre_mlp_layernorm = RMSNorm
     attn = sub.self_attention.submodules
+    attn.core_attention = SDPAttention  # megatron's local attention through torch's fused SDPA
     if arch.qk_norm:
         attn.q_layernorm = RMSNorm
         attn.k_layernorm = RMSNorm

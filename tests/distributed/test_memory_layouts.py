@@ -108,7 +108,7 @@ def test_the_plan_matches_the_model(hf_dir: Path, tmp_path: Path, layout: dict[s
     plan = plan_memory(arch_from_hf(read_hf_config(hf_dir)),
                        Layout(tp=tp, pp=pp, ep=layout.get("ep", 1), etp=tp, world=world,
                               sequence_parallel=layout.get("sequence_parallel", False)),
-                       params_dtype="fp32", micro_batch_tokens=dp_share, micro_batch_seqs=SEQS, recompute=recompute,
+                       params_dtype="fp32", micro_batch_tokens=dp_share, recompute=recompute,
                        te=False)
     rank = plan.stage if pp > 1 else 0  # with PP=2 on 2 ranks, rank r holds stage r
     mine = measured[rank]

@@ -35,7 +35,7 @@ def test_parameter_counts_of_the_shipped_models() -> None:
 
 def test_sharding_divides_what_it_should() -> None:
     arch = _arch("qwen3-30b-a3b")
-    kw = dict(params_dtype="bf16", micro_batch_tokens=4096, micro_batch_seqs=1)
+    kw = dict(params_dtype="bf16", micro_batch_tokens=4096)
     one = plan_memory(arch, Layout(world=64), **kw)  # type: ignore[arg-type]
     ep8 = plan_memory(arch, Layout(ep=8, world=64), **kw)  # type: ignore[arg-type]
     experts = 48 * count_parameters(arch).experts_per_layer * 2  # bf16 bytes of every expert
