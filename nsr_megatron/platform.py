@@ -67,6 +67,7 @@ __all__ = [
     "cpu_compat_installed",
     "device_info",
     "install_cpu_compat",
+    "outside_cpu_compat",
 ]
 
 # megatron-core releases this layer was written and tested for (major, minor).
@@ -229,6 +230,20 @@ def _skip_in_place_single(collective: Callable[..., Any]) -> Callable[..., Any]:
 
 def cpu_compat_installed() -> bool:
     return bool(_INSTALLED)
+
+
+@contextlib.contextmanager
+def outside_cpu_compat() -> Any:
+    """Torch calls in the block skip part 2's mode: for code that never addresses CUDA (the Hugging Face model of
+    the embedded rollout engine), which would otherwise pay the mode's Python-level dispatch on every call. A no-op
+    when the layer is not installed (CUDA machines) or when another mode is on top of it."""
+    mode = _INSTALLED.get("mode")
+    stack = torch.overrides._get_current_function_mode_stack()  # type: ignore[attr-defined]
+    if mode is None or not stack or stack[-1] is not mode:
+        yield
+        return
+    with torch.overrides._pop_mode_temporarily():  # type: ignore[attr-defined]
+        yield
 
 
 def install_cpu_compat() -> bool:

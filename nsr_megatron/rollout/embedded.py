@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from nsr_megatron.losses.rng import uniform_from_keys
+from nsr_megatron.platform import outside_cpu_compat
 from nsr_megatron.rollout.engine import Generation, SamplingParams, prompt_seeds, row_key
 
 __all__ = ["EmbeddedEngine", "sample_tokens"]
@@ -240,7 +241,7 @@ class EmbeddedEngine:
         # prompt stay together and prefill once. Draws are keyed by (i, j), so the order changes no sample.
         rows.sort(key=lambda row: len(prompts[row[0]]))
         results: list[list[Generation | None]] = [[None] * n for _ in prompts]
-        with torch.inference_mode():
+        with torch.inference_mode(), outside_cpu_compat():  # the HF model needs no CUDA-to-CPU mapping
             for start in range(0, len(rows), self.max_batch_size):
                 chunk = rows[start : start + self.max_batch_size]
                 for (i, j), gen in zip(chunk, self._generate_rows(prompts, chunk, params, keyed,

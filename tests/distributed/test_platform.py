@@ -1,9 +1,14 @@
-"""The CPU layer's part 8: the DDP buffers' in-place gradient reduce-scatter and parameter all-gather are
-skipped in a data-parallel group of one rank (gloo would copy the whole buffer onto itself twice per step),
-with an optimizer step bitwise equal to one that runs them; with two ranks they run."""
+"""The CPU layer (``nsr_megatron/platform.py``), in gloo processes:
+
+* part 8: the DDP buffers' in-place gradient reduce-scatter and parameter all-gather are skipped in a
+  data-parallel group of one rank (gloo would copy the whole buffer onto itself), with an optimizer step bitwise
+  equal to one that runs them; with two ranks they run;
+* ``outside_cpu_compat``: the embedded engine's Hugging Face model runs without part 2's mode, and samples
+  exactly as it does under it."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -91,3 +96,50 @@ def test_one_rank_skips_the_buffer_collectives_and_steps_the_same() -> None:
 
 def test_two_ranks_run_them() -> None:
     run(worker, 2)
+
+
+def outside_worker(rank: int, world_size: int) -> None:
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    from nsr_megatron import parallel
+    from nsr_megatron.config import ParallelConfig
+    from nsr_megatron.platform import _INSTALLED, outside_cpu_compat
+    from nsr_megatron.rollout import EmbeddedEngine, SamplingParams, embedded
+
+    def mode_on() -> bool:
+        return _INSTALLED["mode"] in torch.overrides._get_current_function_mode_stack()  # type: ignore[attr-defined]
+
+    parallel.initialize(ParallelConfig(), seed=1)
+    assert mode_on()
+    torch.empty(1, device="cuda")  # part 2 maps it to the CPU
+    with outside_cpu_compat():
+        assert not mode_on()
+        try:
+            torch.empty(1, device="cuda")
+        except (RuntimeError, AssertionError):
+            pass
+        else:
+            raise AssertionError("a CUDA factory ran on this CPU machine outside the layer")
+    assert mode_on()
+
+    cfg = {k: v for k, v in CONFIG.items() if k != "model_type"}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Qwen3MoeConfig(**cfg), dtype=torch.float32).eval()
+    engine = EmbeddedEngine.from_model(model)
+    seen: list[bool] = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(mode_on()))
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, stop_token_ids=(3,))
+    outside = engine.generate(prompts, params, n=4, seed=5)
+    assert seen and not any(seen)  # no forward ran under the mode
+    embedded.outside_cpu_compat = contextlib.nullcontext  # type: ignore[assignment]
+    seen.clear()
+    under = engine.generate(prompts, params, n=4, seed=5)
+    assert seen and all(seen)
+    for a, b in zip(outside, under, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert x.response_ids == y.response_ids and x.response_logprobs == y.response_logprobs
+
+
+def test_the_embedded_engine_runs_outside_the_layer_and_samples_the_same() -> None:
+    run(outside_worker, 1)
