@@ -7,8 +7,9 @@ samples per step, at most 8 new tokens, temperature 1.0, one optimizer step per 
 (eps 0.2 / 0.28, token-mean, no KL), Adam lr 2e-3 constant, gradient clipping 1.0, no MoE load-balancing loss,
 no activation recomputation (TRL's default gradient checkpointing is turned off).
 
-* nsr-megatron runs the quickstart loop in this process (``train(config)`` as ``bench/bench_rl_step.py`` does);
-  its per-phase split comes from ``metrics.jsonl`` (``timing/*``).
+* nsr-megatron runs the quickstart loop (``train(config)`` as ``bench/bench_rl_step.py`` does) in a fresh process
+  per run, as TRL does (this file in ``--ours-worker`` mode, under the project's python); its per-phase split
+  comes from ``metrics.jsonl`` (``timing/*``).
 * TRL runs in its own virtual environment (``.venv-trl``, made by ``scripts/setup_trl.sh``; TRL is never a
   requirement of nsr-megatron) as a subprocess: this file in ``--trl-worker`` mode. A ``TrainerCallback`` times
   each optimizer step (``on_step_begin`` -> ``on_step_end``); ``model.generate`` and the reward function are
@@ -239,7 +240,7 @@ def run_trl(python: Path, hf_dir: Path, data: Path, work: Path, steps: int, thre
 
 
 # --------------------------------------------------------------------------------------------------------------
-# nsr-megatron's side (in this process, under the project's venv).
+# nsr-megatron's side (under the project's venv; one process per run).
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -276,6 +277,35 @@ def run_ours(hf_dir: Path, data: Path, run_dir: Path, steps: int, threads: int, 
     phases = {name: [float(r.get(f"timing/{name}", 0.0)) for r in rows] for name in OUR_PHASES}
     return RunResult("ours", [float(r["timing/step"]) for r in rows], phases,
                      [float(r["reward/mean"]) for r in rows], wall, torch.get_num_threads())
+
+
+def ours_worker(hf_dir: Path, data: Path, run_dir: Path, steps: int, threads: int, seed: int, out: Path) -> None:
+    """``--ours-worker`` mode: one run of ours in this fresh process, its result as JSON in ``out``."""
+    r = run_ours(hf_dir, data, run_dir, steps, threads, seed)
+    out.write_text(json.dumps({"steps": r.steps, "phases": r.phases, "rewards": r.rewards, "threads": r.threads}),
+                   encoding="utf-8")
+
+
+def run_ours_fresh(hf_dir: Path, data: Path, run_dir: Path, steps: int, threads: int, seed: int) -> RunResult:
+    """One run of ours in a fresh process, as TRL's runs are: in one process, the second and later runs of the
+    loop at two threads were 25-35% slower than the first (not at one thread), which would bias the comparison.
+    Its output goes to ``run_dir.log``."""
+    out, log = run_dir.with_suffix(".json"), run_dir.with_suffix(".log")
+    out.unlink(missing_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--ours-worker", "--hf-dir", str(hf_dir), "--data",
+           str(data), "--run-dir", str(run_dir), "--steps", str(steps), "--threads", str(threads), "--seed", str(seed),
+           "--worker-out", str(out)]
+    began = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, check=False)
+    wall = time.perf_counter() - began
+    if proc.returncode != 0 or not out.exists():
+        tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-30:])
+        raise SystemExit(f"our worker failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
+    r = json.loads(out.read_text(encoding="utf-8"))
+    return RunResult("ours", r["steps"], r["phases"], r["rewards"], wall, r["threads"])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -345,12 +375,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--hf-dir", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
+    # --ours-worker mode (internal): one of our runs in a fresh process of the project's python.
+    ap.add_argument("--ours-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.steps < 2:
         ap.error("--steps must be >= 2 (the first step is dropped)")
 
     if args.trl_worker:
         trl_worker(args.hf_dir, args.data, args.steps, args.threads, args.seed, args.worker_out)
+        return
+    if args.ours_worker:
+        ours_worker(args.hf_dir, args.data, args.run_dir, args.steps, args.threads, args.seed, args.worker_out)
         return
 
     if not args.trl_python.exists():
@@ -394,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for i in range(1, args.rounds + 1):
             theirs.append(run_trl(args.trl_python, hf_dir, data, work, args.steps, args.threads, args.seed))
             print(run_line(i, theirs[-1]), flush=True)
-            ours.append(run_ours(hf_dir, data, work / f"ours-{i}", args.steps, args.threads, args.seed))
+            ours.append(run_ours_fresh(hf_dir, data, work / f"ours-{i}", args.steps, args.threads, args.seed))
             print(run_line(i, ours[-1]), flush=True)
 
         tv = theirs[0].extra["versions"]
