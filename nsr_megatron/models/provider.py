@@ -40,7 +40,8 @@ def fuse_torch_adam(optimizer: Any) -> int:
     (``AdamW.step`` 18.8 ms against 6.9 ms a step on the 7.1M-parameter bench model under torch.profiler,
     bench/RESULTS.md). The update is the same
     arithmetic, rounded within an ulp of the per-parameter loop. Also re-applied after a checkpoint load,
-    whose ``param_groups`` carry the saving run's choice. Returns how many parameter groups are fused."""
+    whose ``param_groups`` carry the saving run's choice and whose step counts may sit on the host: they move to
+    their parameters' device, as torch's own fused path keeps them. Returns how many parameter groups are fused."""
     from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
     supported = set(_get_fused_kernels_supported_devices())
@@ -56,6 +57,11 @@ def fuse_torch_adam(optimizer: Any) -> int:
             if all(p.device.type in supported and p.dtype.is_floating_point for p in params):
                 group["fused"], group["foreach"] = True, False
                 fused += 1
+                for p in params:  # the fused kernel wants each step count as fp32 on its parameter's device
+                    state = inner.state.get(p, {})
+                    step = state.get("step")
+                    if isinstance(step, torch.Tensor) and (step.device != p.device or step.dtype != torch.float32):
+                        state["step"] = step.to(device=p.device, dtype=torch.float32)
     return fused
 
 

@@ -183,6 +183,13 @@ def fused_adam_worker(rank: int, world_size: int, root: Path) -> None:
             torch.testing.assert_close(p.detach(), t.detach(), rtol=2e-6, atol=1e-7)
             torch.testing.assert_close(opt.state[p]["exp_avg_sq"], ref.state[t]["exp_avg_sq"], rtol=2e-6, atol=0)
             assert float(opt.state[p]["step"]) == float(ref.state[t]["step"]) > 1
+    # A step count held the way the per-parameter path may hold it (another dtype) is given back as fp32.
+    from nsr_megatron.models.provider import fuse_torch_adam
+
+    first = inner[0].param_groups[0]["params"][0]
+    inner[0].state[first]["step"] = inner[0].state[first]["step"].double()
+    assert fuse_torch_adam(rt.policy.optimizer) == sum(len(o.param_groups) for o in inner)
+    assert inner[0].state[first]["step"].dtype == torch.float32
     # A checkpoint saved with the per-parameter update loads fused again.
     for opt in inner:
         for group in opt.param_groups:
