@@ -218,23 +218,28 @@ def trl_worker(hf_dir: Path, data: Path, steps: int, threads: int, seed: int, ou
     out.write_text(json.dumps(result), encoding="utf-8")
 
 
-def run_trl(python: Path, hf_dir: Path, data: Path, work: Path, steps: int, threads: int, seed: int) -> RunResult:
-    """One TRL run in a subprocess of ``python`` (the TRL venv); its output goes to ``work/trl.log``."""
-    out, log = work / "trl-result.json", work / "trl.log"
+def run_worker(who: str, cmd: list[str], threads: int, out: Path, log: Path, **env: str) -> tuple[Any, float]:
+    """Run a worker command (this file in a worker mode) with ``threads`` torch threads and ``env``; its output
+    goes to ``log``. Returns (the JSON it wrote to ``out``, wall seconds)."""
     out.unlink(missing_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-           "PYTHONWARNINGS": "ignore"}
-    cmd = [str(python), str(Path(__file__).resolve()), "--trl-worker", "--hf-dir", str(hf_dir), "--data", str(data),
-           "--steps", str(steps), "--threads", str(threads), "--seed", str(seed), "--worker-out", str(out)]
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore", **env}
     began = time.perf_counter()
     with open(log, "w", encoding="utf-8") as f:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, check=False)
     wall = time.perf_counter() - began
     if proc.returncode != 0 or not out.exists():
         tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-30:])
-        raise SystemExit(f"the TRL worker failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
-    r = json.loads(out.read_text(encoding="utf-8"))
+        raise SystemExit(f"{who} failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
+    return json.loads(out.read_text(encoding="utf-8")), wall
+
+
+def run_trl(python: Path, hf_dir: Path, data: Path, work: Path, steps: int, threads: int, seed: int) -> RunResult:
+    """One TRL run in a subprocess of ``python`` (the TRL venv); its output goes to ``work/trl.log``."""
+    out, log = work / "trl-result.json", work / "trl.log"
+    cmd = [str(python), str(Path(__file__).resolve()), "--trl-worker", "--hf-dir", str(hf_dir), "--data", str(data),
+           "--steps", str(steps), "--threads", str(threads), "--seed", str(seed), "--worker-out", str(out)]
+    r, wall = run_worker("the TRL worker", cmd, threads, out, log, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
     return RunResult("TRL", r["steps"], {name: r[name] for name in TRL_PHASES}, r["rewards"], wall,
                      min(r["threads"]), {k: r[k] for k in ("versions", "num_params", "implementation")})
 
@@ -291,20 +296,10 @@ def run_ours_fresh(hf_dir: Path, data: Path, run_dir: Path, steps: int, threads:
     loop at two threads were 25-35% slower than the first (not at one thread), which would bias the comparison.
     Its output goes to ``run_dir.log``."""
     out, log = run_dir.with_suffix(".json"), run_dir.with_suffix(".log")
-    out.unlink(missing_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--ours-worker", "--hf-dir", str(hf_dir), "--data",
            str(data), "--run-dir", str(run_dir), "--steps", str(steps), "--threads", str(threads), "--seed", str(seed),
            "--worker-out", str(out)]
-    began = time.perf_counter()
-    with open(log, "w", encoding="utf-8") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, check=False)
-    wall = time.perf_counter() - began
-    if proc.returncode != 0 or not out.exists():
-        tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-30:])
-        raise SystemExit(f"our worker failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
-    r = json.loads(out.read_text(encoding="utf-8"))
+    r, wall = run_worker("our worker", cmd, threads, out, log)
     return RunResult("ours", r["steps"], r["phases"], r["rewards"], wall, r["threads"])
 
 
