@@ -293,7 +293,8 @@ def ours_worker(hf_dir: Path, data: Path, run_dir: Path, steps: int, threads: in
 
 def run_ours_fresh(hf_dir: Path, data: Path, run_dir: Path, steps: int, threads: int, seed: int) -> RunResult:
     """One run of ours in a fresh process, as TRL's runs are: in one process, the second and later runs of the
-    loop at two threads were 25-35% slower than the first (not at one thread), which would bias the comparison.
+    loop at two threads were slower than the first (not at one thread; ``--in-process`` shows it), which would
+    bias the comparison.
     Its output goes to ``run_dir.log``."""
     out, log = run_dir.with_suffix(".json"), run_dir.with_suffix(".log")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--ours-worker", "--hf-dir", str(hf_dir), "--data",
@@ -364,6 +365,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads of both sides (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=1, help="model init and training seed (default: %(default)s)")
     ap.add_argument("--trl-python", type=Path, default=TRL_PYTHON, help="python of the TRL venv (default: %(default)s)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run ours in this process, one run after another (the old way), not a fresh process per run")
     ap.add_argument("--workdir", type=Path, default=None, help="keep checkpoint, data and runs here (default: a temp dir)")
     # --trl-worker mode (internal): this file under the TRL venv's python.
     ap.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
@@ -425,7 +428,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         for i in range(1, args.rounds + 1):
             theirs.append(run_trl(args.trl_python, hf_dir, data, work, args.steps, args.threads, args.seed))
             print(run_line(i, theirs[-1]), flush=True)
-            ours.append(run_ours_fresh(hf_dir, data, work / f"ours-{i}", args.steps, args.threads, args.seed))
+            run = run_ours if args.in_process else run_ours_fresh
+            ours.append(run(hf_dir, data, work / f"ours-{i}", args.steps, args.threads, args.seed))
             print(run_line(i, ours[-1]), flush=True)
 
         tv = theirs[0].extra["versions"]

@@ -217,10 +217,10 @@ def _skip_in_place_single(collective: Callable[..., Any]) -> Callable[..., Any]:
     import torch.distributed as dist
 
     def call(output: torch.Tensor, input: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        group = kwargs.get("group", args[1] if len(args) > 1 else None)
-        if (not kwargs.get("async_op", False) and output.data_ptr() == input.data_ptr()
+        if ("group" in kwargs and not args and not kwargs.get("async_op", False)  # megatron's keyword calls only
+                and output.data_ptr() == input.data_ptr()
                 and output.numel() == input.numel() and output.dtype == input.dtype
-                and dist.get_world_size(group) == 1):
+                and dist.get_world_size(kwargs["group"]) == 1):
             return None
         return call.__wrapped__(output, input, *args, **kwargs)  # type: ignore[attr-defined]
 

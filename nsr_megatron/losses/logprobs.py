@@ -91,6 +91,7 @@ class _LogProbEntropy(torch.autograd.Function):
         logprob = torch.empty_like(logz)  # [R, S]
         for r, c in _chunks(rows, length, chunk):
             x = _scaled(logits[r, c], dtype, inv_t)  # [r, C, Vp]
+            block = x.shape[:-1]  # (r, C)
             top = x.amax(dim=-1)  # [r, C] local max
             shifted = x.sub_(top[..., None]) if fresh else x - top[..., None]  # [r, C, Vp]
             shifted = shifted.reshape(-1, vp)  # [r * C, Vp] (fresh and contiguous: a view)
@@ -114,7 +115,6 @@ class _LogProbEntropy(torch.autograd.Function):
                 sx = ((sxs + shift * ss) * scale).sum(dim=0)
                 target = tgts.sum(dim=0)
             logs = s.log()
-            block = logz[r, c].shape  # (r, C)
             z = top + logs
             logz[r, c] = z.view(block)
             entropy[r, c] = (logs - sx / s).view(block)

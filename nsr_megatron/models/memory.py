@@ -10,9 +10,10 @@ Nothing here imports megatron or touches a GPU. The estimate follows how this pr
   divided over the data-parallel ranks with the distributed optimizer (experts over the expert-data-parallel ranks).
 - **activations** of one micro-batch of ``batch`` sequences of ``seq`` tokens per layer: the tensors autograd keeps,
   per token (Korthikanti et al. 2022; flash attention, no ``s x s`` term: TE's, or torch's SDPA in this project's
-  local layers; TE also fuses the norms, while the local layers, as without TE, also keep the norms' outputs). In the parameters' dtype (bf16 on GPUs; fp32 in the CPU check). Divided over TP with
-  sequence parallelism. 1F1B keeps up to PP micro-batches in flight on the first stage. Full recompute keeps only
-  each layer's input plus one layer's full set.
+  local layers; TE also fuses the norms, while the local layers, as without TE, also keep the norms' outputs). In
+  the parameters' dtype (bf16 on GPUs; fp32 in the CPU check). Divided over TP with sequence parallelism. 1F1B
+  keeps up to PP micro-batches in flight on the first stage. Full recompute keeps only each layer's input plus one
+  layer's full set.
 - **logits**: the last stage's ``[tokens, vocab / TP]`` fp32 logits, their softmax and gradient (3 copies) and the
   per-token log-prob buffers.
 - **rollout engine** (SGLang colocated): ``rollout.sglang.mem_fraction`` of the GPU while it generates (weights and

@@ -38,8 +38,8 @@ def fuse_torch_adam(optimizer: Any) -> int:
     for the parameters' device (CPU and CUDA): megatron falls back to torch's optimizer without Transformer
     Engine / apex and leaves it to torch's default, which on CPU is one Python-level update per parameter
     (``AdamW.step`` 18.8 ms against 6.9 ms a step on the 7.1M-parameter bench model under torch.profiler,
-    bench/RESULTS.md). The update is the same
-    arithmetic, rounded within an ulp of the per-parameter loop. Also re-applied after a checkpoint load,
+    bench/RESULTS.md). The update is the same arithmetic, rounded within an ulp of the per-parameter loop. Also
+    re-applied after a checkpoint load,
     whose ``param_groups`` carry the saving run's choice and whose step counts may sit on the host: they move to
     their parameters' device, as torch's own fused path keeps them. Returns how many parameter groups are fused."""
     from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
