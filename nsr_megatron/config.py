@@ -81,6 +81,10 @@ class ModelConfig:
     fp8_param: bool = False
     recompute: Literal["", "full", "selective"] = ""
     offload_reference: bool = False  # keep the frozen reference model in host memory between uses
+    # Log-probs and entropy straight from the last hidden states and the (vocab-parallel) output weight, in chunks
+    # of tokens: no [tokens, vocab / TP] logits tensor of a whole micro-batch exists (the backward recomputes each
+    # chunk). false: the model's logits and the logits op (kept for comparison).
+    fused_logprobs: bool = False
 
     def __post_init__(self) -> None:
         _require(
@@ -136,7 +140,14 @@ class ParallelConfig:
 
 @dataclass(kw_only=True)
 class OptimizerConfig:
-    """Adam with decoupled weight decay, linear warm-up and a cosine or constant schedule."""
+    """Adam with decoupled weight decay, linear warm-up and a cosine or constant schedule.
+
+    ``cpu_offload``: megatron-core's hybrid-device optimizer keeps ``offload_fraction`` of the optimizer state
+    (fp32 master weights and Adam's moments) in host memory and runs its update there; ``offload_overlap``
+    overlaps the gradient and parameter copies with the host update (CUDA). ``precision_aware``: megatron's
+    precision-aware optimizer with the four dtypes below (they apply only with it; bf16 moments by default, as
+    slime runs); it needs Transformer Engine's fused Adam, or ``cpu_offload=true``.
+    """
 
     lr: float = 1e-6
     min_lr: float = 0.0
@@ -147,6 +158,14 @@ class OptimizerConfig:
     clip_grad: float = 1.0
     warmup_steps: int = 0
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    cpu_offload: bool = False
+    offload_fraction: float = 1.0
+    offload_overlap: bool = True
+    precision_aware: bool = False
+    main_grads_dtype: Literal["fp32", "bf16"] = "fp32"
+    main_params_dtype: Literal["fp32", "fp16"] = "fp32"
+    exp_avg_dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    exp_avg_sq_dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, f"optimizer.lr={self.lr} must be > 0 (e.g. 1e-6 for RL fine-tuning).")
@@ -161,6 +180,9 @@ class OptimizerConfig:
         _require(self.adam_eps > 0, f"optimizer.adam_eps={self.adam_eps} must be > 0, e.g. 1e-8.")
         _require(self.clip_grad >= 0, f"optimizer.clip_grad={self.clip_grad} must be >= 0 (0 disables it).")
         _require(self.warmup_steps >= 0, f"optimizer.warmup_steps={self.warmup_steps} must be >= 0.")
+        _require(0.0 <= self.offload_fraction <= 1.0,
+                 f"optimizer.offload_fraction={self.offload_fraction} must lie in [0, 1] (the share of the optimizer "
+                 "state kept in host memory; 1.0 = all of it).")
 
 
 @dataclass(kw_only=True)
@@ -280,6 +302,10 @@ class RolloutConfig:
     # while step k trains, so rollout time hides behind training when the engines have cores or GPUs of their own.
     # Those samples are one update stale (rollout/staleness = 1); correct with loss.tis_cap / loss.mis_*.
     overlap: bool = False
+    # Train-state offload while the engines generate: the policy's parameters, gradient buffers and optimizer state
+    # (and the reference model) move to host memory before each rollout and come back, bit for bit, after it.
+    # auto: on when the engines share the training GPUs (rollout.backend=sglang with rollout.sglang.colocate=true).
+    offload_train: Literal["auto", "true", "false"] = "auto"
 
     def __post_init__(self) -> None:
         _require(self.prompts_per_step >= 1, f"rollout.prompts_per_step={self.prompts_per_step} must be >= 1.")
@@ -429,8 +455,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     if origin is Literal:
         choices = typing.get_args(hint)
-        if isinstance(value, bool) and ("off" if not value else "on") in choices:
-            value = "off" if not value else "on"  # YAML 1.1 reads a bare off / on as a boolean
+        if isinstance(value, bool):  # YAML 1.1 reads a bare off / on (and true / false) as a boolean
+            value = next((w for w in (("on", "true") if value else ("off", "false")) if w in choices), value)
         _require(value in choices, f"{where}={value!r} is not one of {list(choices)}.")
         return value
     if origin in (typing.Union, types.UnionType):
