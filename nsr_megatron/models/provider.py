@@ -147,6 +147,7 @@ class ModelBundle:
     offload: bool = False  # reference only: keep the weights in host memory between uses
     routing: Any = None  # the routing profiler on this model's routers (profile.routing), or None
     replay: Any = None  # the routing replay of this model's routers (algorithm.routing_replay), or None
+    fused_logprobs: bool = False  # model.fused_logprobs: log-probs from the hidden states, no logits tensor
     _host: list[tuple[torch.nn.Parameter, torch.Tensor]] = field(default_factory=list, repr=False)
 
     @property
@@ -233,7 +234,8 @@ def build_model(
         gpt.eval()
         for p in gpt.parameters():
             p.requires_grad_(False)
-        return ModelBundle(role=role, arch=arch, config=config, module=gpt, offload=model.offload_reference)
+        return ModelBundle(role=role, arch=arch, config=config, module=gpt, offload=model.offload_reference,
+                           fused_logprobs=model.fused_logprobs)
 
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
@@ -262,4 +264,5 @@ def build_model(
     )
     megatron_opt = get_megatron_optimizer(mcore_opt_config, [ddp], use_gloo_process_groups=torch.cuda.is_available())
     fuse_torch_adam(megatron_opt)
-    return ModelBundle(role=role, arch=arch, config=config, module=ddp, optimizer=megatron_opt)
+    return ModelBundle(role=role, arch=arch, config=config, module=ddp, optimizer=megatron_opt,
+                       fused_logprobs=model.fused_logprobs)
