@@ -329,6 +329,9 @@ class RolloutConfig:
         _require(not (self.overlap and self.sglang.colocate),
                  "rollout.overlap=true samples while the policy trains, so the engines need devices of their own: "
                  "it cannot be combined with rollout.sglang.colocate=true (engines on the training GPUs).")
+        _require(not (self.overlap and self.offload_train == "true"),
+                 "rollout.overlap=true samples while the policy trains, so the training state cannot wait in host "
+                 "memory during the rollout: set rollout.offload_train=auto (or false) or rollout.overlap=false.")
 
 
 @dataclass(kw_only=True)

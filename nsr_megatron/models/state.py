@@ -19,7 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["canonical_state", "gather_grad_shards", "iter_sharded_tensors", "load_canonical_state", "unwrap_model"]
+__all__ = ["canonical_state", "gather_grad_shards", "iter_sharded_tensors", "load_canonical_state", "train_state_tensors",
+           "unwrap_model"]
 
 
 def unwrap_model(module: Any) -> Any:
@@ -27,6 +28,26 @@ def unwrap_model(module: Any) -> Any:
     while hasattr(module, "module"):
         module = module.module
     return module
+
+
+def train_state_tensors(ddp: torch.nn.Module, optimizer: Any) -> Iterator[torch.Tensor]:
+    """Every tensor of a policy's training state: the parameters, megatron DDP's parameter and gradient buffers
+    (``main_grad`` views into them), and the optimizer's parameters (fp32 master copies) and state (Adam's moments,
+    step counts), through megatron's chained optimizer when there is one. Views repeat storages; a consumer that
+    works per storage (``HostOffload``) counts each once."""
+    yield from ddp.parameters()
+    for buffer in list(getattr(ddp, "buffers", [])) + list(getattr(ddp, "expert_parallel_buffers", [])):
+        yield buffer.grad_data
+        if getattr(buffer, "param_data", None) is not None:
+            yield buffer.param_data
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]) if optimizer is not None else []:
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        for group in inner.param_groups:
+            yield from group["params"]
+        for state in inner.state.values():
+            yield from (v for v in state.values() if isinstance(v, torch.Tensor))
 
 
 def _flatten(obj: Any) -> Iterator[Any]:

@@ -209,6 +209,7 @@ class EmbeddedEngine:
         self.weight_version = "0"
         self._targets = _weight_targets(self.model)
         self._shared: tuple[Any, Tensor] | None = None  # (layout, mapping) once the weights live in shared memory
+        self._released: Any = None  # a HostOffload holding the weights while they are released (release_memory)
         self._gates = [m for name, m in self.model.named_modules() if name.endswith("mlp.gate")]  # MoE routers
         self._fused_names = {n for n, (t, _) in self._targets.items() if t.dim() == 3 and n.endswith(
             ("experts.gate_up_proj", "experts.down_proj"))}
@@ -233,6 +234,9 @@ class EmbeddedEngine:
         ``seeds[i]`` keys prompt i's draws; without ``seeds``, they come from ``seed`` (``prompt_seeds``). With
         ``return_routed_experts`` (MoE models) each generation carries the experts its tokens were routed to."""
         self._check_request(prompts, params, n, seed)
+        if self._released is not None:
+            raise RuntimeError("EmbeddedEngine.generate: the weights are released (release_memory); call "
+                               "resume_memory(['weights']) first.")
         keyed = list(seeds) if seeds is not None else prompt_seeds(seed, len(prompts))
         if len(keyed) != len(prompts) or not all(isinstance(s, int) and not isinstance(s, bool) for s in keyed):
             raise ValueError(f"generate(seeds=...) must hold one int per prompt ({len(prompts)}), got {seeds!r:.80}.")
@@ -469,6 +473,26 @@ class EmbeddedEngine:
 
     def flush_cache(self) -> None:
         """No-op: the engine keeps no KV or prefix cache between ``generate`` calls (each call builds its own)."""
+
+    def release_memory(self) -> None:
+        """Free the model's weights on its device (their values move to host memory) while the trainer trains on
+        the same device (``rollout.offload_train``); the KV cache lives only inside ``generate``. Not with shared-
+        memory weights (``share_weights``), whose memory other processes map."""
+        from nsr_megatron.host_offload import HostOffload
+
+        if self._shared is not None or self._released is not None:
+            return
+        for p in self.model.parameters():  # weights still mapped from their safetensors file get memory of their own
+            if not p.untyped_storage().resizable():
+                p.data = p.data.clone()
+        self._released = HostOffload(self.device)
+        self._released.offload(self.model.parameters())
+
+    def resume_memory(self, tags: list[str]) -> None:
+        """Give the weights their memory and values back (tag ``weights``; ``kv_cache`` has nothing to resume)."""
+        if "weights" in tags and self._released is not None:
+            self._released.onload()
+            self._released = None
 
     def close(self) -> None:
         """No-op: the engine lives in this process."""

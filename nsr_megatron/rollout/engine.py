@@ -150,6 +150,16 @@ class RolloutEngine(Protocol):
         """Drop any cached KV / prefix state (call after a weight update if the engine keeps one)."""
         ...
 
+    def release_memory(self) -> None:
+        """Free the engine's device memory (weights and KV cache) while the trainer uses the devices it shares
+        with the engine; the weights' values are kept (in host memory)."""
+        ...
+
+    def resume_memory(self, tags: list[str]) -> None:
+        """Take released memory back: ``["weights"]`` (before a weight update), ``["kv_cache"]`` (before
+        generating); a tag that was not released is skipped."""
+        ...
+
     def close(self) -> None:
         """Release what the engine holds (stop the processes it started)."""
         ...

@@ -7,11 +7,12 @@ data-parallel share; weight sync gathers the new weights group-locally onto the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -53,13 +54,15 @@ def train(config: Any, *, world_size: int = 1, progress: bool | None = None, ann
     bar = ProgressBar(run.steps, initial_step=rt.start_step, rank=rt.state.rank, enabled=progress, log_every=10)
     phases = PhaseTimer(rt.run_dir, write_status=rt.is_logger, annotate=annotate)
     try:
+        if rt.colocated and rt.engine is not None:  # engines sharing the training devices start released
+            rt.engine.release_memory()
         sync_weights(rt, rt.start_step)  # the engine starts from the policy's (possibly resumed) weights
         for step in range(rt.start_step, run.steps):
             phases.start_step(step + 1)
             metrics = {"step": step + 1, **rl_step(rt, step, phases)}
             if cfg_eval.interval and (step + 1) % cfg_eval.interval == 0:
                 began = time.perf_counter()
-                with phases("eval"):
+                with phases("eval"), engines_generating(rt, phases):
                     metrics.update(evaluate_in_loop(rt, step + 1))
                 metrics["timing/eval"] = time.perf_counter() - began
             if writer is not None:
@@ -328,11 +331,10 @@ def _sample_on_driver(rt: Runtime, step: int, phases: PhaseTimer,
 def rl_step(rt: Runtime, step: int, phases: PhaseTimer) -> dict[str, float | None]:
     """One RL step; returns the step's global metrics (identical on every rank)."""
     cfg = rt.config
-    batch, metrics, example = sample_batch(rt, step, phases)
+    with engines_generating(rt, phases):
+        batch, metrics, example = sample_batch(rt, step, phases)
     _start_prefetch(rt, step + 1)  # rollout.overlap: the next step samples while this one trains
     _watch_learning_signal(rt, step, metrics, example)
-    if _colocated(rt):  # engines on the training GPUs give their memory to training until the weight sync
-        rt.engine.release_memory()  # type: ignore[union-attr]
     # Every data-parallel rank needs a sample for each optimizer step, or the ranks would disagree on the steps.
     steps_here = min(cfg.algorithm.mini_batches, batch.total // rt.state.dp_size)
     if steps_here == 0:
@@ -490,15 +492,12 @@ def sync_weights(rt: Runtime, version: int) -> None:
         for _ in named:  # this rank sends its shards to the driver
             pass
         return
-    colocated = _colocated(rt)
-    if colocated:
-        rt.engine.resume_memory(["weights"])  # type: ignore[attr-defined]
+    if rt.colocated:  # the KV cache comes back when the engines generate next (engines_generating)
+        rt.engine.resume_memory(["weights"])
     try:
         rt.engine.update_weights(named, version=str(version))
     except RolloutError as exc:  # the pool repairs its engines before the next rollout
         log.warning("%s", exc)
-    if colocated:
-        rt.engine.resume_memory(["kv_cache"])  # type: ignore[attr-defined]
 
 
 def _sync_shared(rt: Runtime, version: int) -> None:
@@ -544,8 +543,37 @@ def _sync_shared(rt: Runtime, version: int) -> None:
         raise RuntimeError(failed[0])
 
 
-def _colocated(rt: Runtime) -> bool:
-    from nsr_megatron.rollout.pool import EnginePool
+@contextlib.contextmanager
+def engines_generating(rt: Runtime, phases: PhaseTimer) -> Iterator[None]:
+    """The engines generate inside this block (every rank enters it).
 
-    return isinstance(rt.engine, EnginePool) and rt.engine.colocate
+    Engines that share the training devices (``rt.colocated``) take their KV cache back on entry and release all
+    their memory on exit, so training has the devices to itself until the next weight sync. With
+    ``rollout.offload_train`` the training state (policy parameters, gradient buffers, optimizer state, the
+    reference) waits in host memory meanwhile: every rank has freed it before any engine grows, and takes it
+    back, bit for bit, only after every engine has shrunk."""
+    off = rt.train_offload
+    if off is not None:
+        with phases("offload"):
+            off.offload(rt.train_state())
+        _barrier()
+    if rt.colocated and rt.engine is not None:
+        rt.engine.resume_memory(["kv_cache"])
+    done = False
+    try:
+        yield
+        done = True
+    finally:
+        if done and rt.colocated and rt.engine is not None:
+            rt.engine.release_memory()
+        if off is not None:
+            if done:
+                _barrier()
+            with phases("offload"):
+                off.onload()
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 

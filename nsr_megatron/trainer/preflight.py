@@ -199,6 +199,14 @@ def _check_rollout(config: Config) -> None:
             "rollout.sglang.colocate=true shares the training GPUs with the SGLang engines (memory saver, release and "
             "resume around training) and needs CUDA; this machine has none. Set rollout.sglang.colocate=false: the "
             "engines then run beside the trainer (on CPU here).")
+    if r.offload_train == "true" and (r.backend == "server" or r.urls or (r.backend == "sglang" and not r.sglang.colocate)):
+        engines = ("engines attached with rollout.urls" if r.urls else "the project's rollout server processes"
+                   if r.backend == "server" else "SGLang engines without rollout.sglang.colocate=true")
+        raise ConfigError(
+            f"rollout.offload_train=true frees the training state while engines that share the training devices "
+            f"generate, for engines that release their memory between rollouts (the embedded engine, or "
+            f"rollout.backend=sglang with rollout.sglang.colocate=true); {engines} cannot release theirs: set "
+            f"rollout.offload_train=auto.")
     if r.backend == "sglang" and config.algorithm.routing_replay == "R3" and not torch.cuda.is_available():
         raise ConfigError(
             "algorithm.routing_replay=R3 replays the experts the rollout engine routed to, and SGLang returns them "

@@ -17,6 +17,7 @@ import yaml
 
 from nsr_megatron.config import Config, RolloutConfig, to_dict
 from nsr_megatron.data.datasets import EpochSampler, PromptDataset
+from nsr_megatron.host_offload import HostOffload
 from nsr_megatron.models.hf_config import ArchSpec
 from nsr_megatron.parallel import ParallelState
 from nsr_megatron.rewards.scorer import RewardScorer
@@ -59,6 +60,10 @@ class Runtime:
     prefetch: Any = None  # rollout.overlap: the next step's samples, sampled in the background (loop.Prefetch)
     restarts_seen: int = 0  # engine restarts already counted in a step's rollout/restarts
     weight_sync: str = "distributed"  # rollout.weight_sync with ``auto`` resolved (weight_sync_mode)
+    # The engines share the training devices: they release their memory while the trainer trains (colocated SGLang,
+    # or the embedded engine with rollout.offload_train on).
+    colocated: bool = False
+    train_offload: HostOffload | None = None  # rollout.offload_train: the training state's host copy
     # rollout.weight_sync=shared_memory: this rank's mappings of the engines' weights, kept between syncs
     shared_weights: SharedMappings = field(default_factory=SharedMappings)
     start_step: int = 0
@@ -68,6 +73,16 @@ class Runtime:
     @property
     def is_logger(self) -> bool:
         return self.state.rank == 0
+
+    def train_state(self) -> list[torch.Tensor]:
+        """The tensors ``rollout.offload_train`` moves to host memory while the engines generate: the policy's
+        parameters, gradient buffers and optimizer state, and the reference model's weights."""
+        from nsr_megatron.models.state import train_state_tensors
+
+        tensors = list(train_state_tensors(self.policy.module, self.policy.optimizer))
+        if self.reference is not None:
+            tensors += list(self.reference.module.parameters())
+        return tensors
 
     def close(self) -> None:
         """Stop what the run started: the routing log, the reward workers and the rollout engines."""
@@ -160,6 +175,14 @@ def weight_sync_mode(r: RolloutConfig) -> str:
         return r.weight_sync
     shared = r.backend == "server" and not remote_urls(r.urls) and not ranks_span_nodes()
     return "shared_memory" if shared and hasattr(os, "memfd_create") else "distributed"
+
+
+def offload_train_on(r: RolloutConfig) -> bool:
+    """``rollout.offload_train`` with ``auto`` resolved: on when launched engines share the training GPUs
+    (``rollout.backend=sglang`` with ``rollout.sglang.colocate=true``)."""
+    if r.offload_train != "auto":
+        return r.offload_train == "true"
+    return r.backend == "sglang" and r.sglang.colocate and not r.urls
 
 
 def weight_group_host(configured: str, urls: list[str]) -> str:
@@ -292,6 +315,9 @@ def build_runtime(config: Config, inputs: RunInputs, *, world_size: int) -> Runt
                      if config.profile.routing == "full" and state.rank == 0 else None),
         routed_experts=wants_routed_experts(config, arch),
         weight_sync=weight_sync,
+        colocated=offload_train_on(config.rollout) or (config.rollout.backend == "sglang"
+                                                        and config.rollout.sglang.colocate),
+        train_offload=HostOffload(state.device) if offload_train_on(config.rollout) else None,
         start_step=start_step,
         resumed=inputs.resume_from is not None,
         counters=counters,

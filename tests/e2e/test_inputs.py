@@ -259,3 +259,19 @@ def test_in_loop_evaluation_needs_its_data(model: Path, data: Path, tmp_path: Pa
     assert "eval.interval=5 needs eval.data" in msg
     msg = refused(capsys, *base(model, data, tmp_path / "r", "eval.interval=5", f"eval.data={tmp_path}/none.jsonl"))
     assert "eval.data=" in msg and "none.jsonl' does not exist" in msg
+
+
+def test_memory_options_that_cannot_act_are_refused(model: Path, data: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "r"
+    message = refused(capsys, *base(model, data, run, "rollout.backend=server", "rollout.offload_train=true"))
+    assert "rollout.offload_train=true" in message and "rollout server" in message and "offload_train=auto" in message
+    message = refused(capsys, *base(model, data, run, "rollout.backend=sglang", "rollout.offload_train=true"))
+    assert "colocate=true" in message
+    message = refused(capsys, *base(model, data, run, "rollout.overlap=true", "rollout.offload_train=true"))
+    assert "rollout.overlap" in message and "offload_train" in message
+    for fraction in ("1.5", "-0.1"):
+        message = refused(capsys, *base(model, data, run, f"optimizer.offload_fraction={fraction}"))
+        assert f"optimizer.offload_fraction={float(fraction)}" in message and "[0, 1]" in message
+    # the embedded engine releases its memory: accepted
+    assert main(["validate", *base(model, data, run, "rollout.offload_train=true")]) == 0
