@@ -141,8 +141,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 0
     print(f"does not fit: peak {plan.peak / GiB:.1f} GiB > 90% of {args.gpu_mem_gb:g} GiB per GPU")
     hint = suggest(config, arch, world, gpu_bytes)
-    print(f"nearest layout that fits: {hint}" if hint else
-          f"no layout fits {world} GPUs of {args.gpu_mem_gb:g} GiB: add nodes or shorten the sequences.")
+    print(f"nearest settings that fit: {hint}" if hint else
+          f"no layout fits {world} GPUs of {args.gpu_mem_gb:g} GiB: add nodes or shorten the sequences (every memory option on).")
     return 1
 
 

@@ -77,15 +77,70 @@ def test_a_layout_that_does_not_fit_says_so_and_names_one_that_does(capsys: pyte
                  config_json, "model.recompute="])  # no recompute: 16k-token micro-batches of activations
     out = capsys.readouterr().out
     assert code == 1 and "does not fit" in out
-    hint = re.search(r"nearest layout that fits: (.+) \(peak", out)
+    hint = re.search(r"nearest settings that fit: (.+) \(peak", out)
     assert hint, out
     assert main(["plan", "--config", str(recipe), "--nodes", "4", "--gpus-per-node", "8", "--model-config",
                  config_json, "model.recompute=", *hint.group(1).split()]) == 0  # and it does fit
     capsys.readouterr()
     code = main(["plan", "--config", str(recipe), "--nodes", "1", "--gpus-per-node", "8", "--model-config",
-                 config_json])  # 30B with Adam on 8 x 80 GB: nothing fits
+                 config_json])  # 30B with Adam on 8 x 80 GB: only with memory options turned on
     out = capsys.readouterr().out
-    assert code == 1 and "no layout fits 8 GPUs of 80 GiB" in out
+    hint = re.search(r"nearest settings that fit: (.+) \(peak", out)
+    assert code == 1 and hint and re.search(r"optimizer\.cpu_offload=true|rollout\.offload_train=true", hint.group(1)), out
+    assert main(["plan", "--config", str(recipe), "--nodes", "1", "--gpus-per-node", "8", "--model-config",
+                 config_json, *hint.group(1).split()]) == 0
+    capsys.readouterr()
+    code = main(["plan", "--config", str(recipe), "--nodes", "1", "--gpus-per-node", "2", "--model-config",
+                 config_json, "parallel.ep=2", "parallel.tp=2"])  # 2 GPUs: nothing fits, whatever is on
+    assert code == 1 and "no layout fits 2 GPUs of 80 GiB" in capsys.readouterr().out
     code = main(["validate", "--config", str(recipe), "--world-size", "8", "--model-config", config_json,
                  "--gpu-mem-gb", "80"])
     assert code == 2 and "does not fit" in capsys.readouterr().err
+
+
+def test_each_memory_option_takes_what_it_should() -> None:
+    """Each option changes its own term by the amount its mechanism saves, and the phases combine as described."""
+    from nsr_megatron.models.memory import MemoryOptions
+
+    arch = _arch("qwen3-30b-a3b")
+    lay = Layout(tp=4, ep=8, etp=1, world=8, sequence_parallel=True)
+    kw = dict(params_dtype="bf16", micro_batch_tokens=32768, recompute="full", colocated_fraction=0.7,
+              gpu_bytes=80 * 1024**3)
+    base = plan_memory(arch, lay, **kw)  # type: ignore[arg-type]
+    full_opt = base.parts["optimizer"]
+    half = plan_memory(arch, lay, options=MemoryOptions(optimizer_offload=0.5), **kw)  # type: ignore[arg-type]
+    assert half.parts["optimizer"] == pytest.approx(full_opt / 2) and half.host_optimizer == pytest.approx(full_opt / 2)
+    aware = plan_memory(arch, lay, options=MemoryOptions(precision_aware=True, exp_avg_bytes=2, exp_avg_sq_bytes=2),
+                        **kw)  # type: ignore[arg-type]
+    assert aware.parts["optimizer"] == pytest.approx(full_opt * 8 / 12)  # fp32 master (4) + bf16 moments (2 + 2)
+    fused = plan_memory(arch, lay, options=MemoryOptions(fused_logprobs=True), **kw)  # type: ignore[arg-type]
+    assert fused.parts["logits"] < base.parts["logits"] / 20
+    assert base.parts["logits"] == pytest.approx(32768 * 151936 / 4 * 12 + 32768 * 24)
+    assert base.while_generating == pytest.approx(base.resident + 0.7 * 80 * 1024**3)
+    off = plan_memory(arch, lay, options=MemoryOptions(offload_train=True), **kw)  # type: ignore[arg-type]
+    assert off.while_generating == pytest.approx(0.7 * 80 * 1024**3)  # nothing of the trainer's stays
+    assert off.weight_sync == pytest.approx(off.resident + 2 * count_parameters(arch).total)  # engine TP 1
+    assert off.peak == max(off.training_peak, off.while_generating, off.weight_sync)
+    assert base.largest[0] == "optimizer"
+
+
+def test_the_one_node_recipe_plans_each_option_off_in_turn(capsys: pytest.CaptureFixture[str]) -> None:
+    """The 1-node H100 recipe fits with 10% headroom at 32k tokens per GPU; the plan names the options it assumed,
+    and without train-state offload it does not fit (the engine's 0.7 share on top of the trainer's state)."""
+    recipe = RECIPES / "qwen3-30b-a3b-nsr-bf16-1node-h100.yaml"
+    config_json = str(RECIPES / "models" / "qwen3-30b-a3b" / "config.json")
+    args = ["plan", "--config", str(recipe), "--nodes", "1", "--gpus-per-node", "8", "--model-config", config_json]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    peak = float(re.search(r"fits: peak ([\d.]+) GiB", out).group(1))  # type: ignore[union-attr]
+    import yaml
+
+    assert peak <= 0.9 * 0.9 * 80  # 10% headroom below the 90% the planner calls usable
+    assert yaml.safe_load(recipe.read_text())["algorithm"]["max_tokens_per_micro_batch"] >= 16384
+    assert ("options: optimizer.cpu_offload=on" in out and "precision_aware=on" in out
+            and "rollout.offload_train=on" in out and "model.fused_logprobs=on" in out)
+    assert main([*args, "rollout.offload_train=false"]) == 1
+    assert "nearest settings that fit: rollout.offload_train=true" in capsys.readouterr().out
+    for option in ("optimizer.cpu_offload=false", "optimizer.precision_aware=false", "model.fused_logprobs=false"):
+        main([*args, option])
+        assert "peak" in capsys.readouterr().out
