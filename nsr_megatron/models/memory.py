@@ -9,8 +9,10 @@ Nothing here imports megatron or touches a GPU. The estimate follows how this pr
   ``main_grads_dtype``).
 - **optimizer**: Adam's two moments, plus master weights when the parameters are bf16/fp16, 4 bytes each (the
   precision-aware optimizer's dtypes where it is on), divided over the data-parallel ranks with the distributed
-  optimizer (experts over the expert-data-parallel ranks). ``optimizer.cpu_offload`` keeps ``offload_fraction`` of
-  it in host memory (megatron's hybrid-device optimizer): that share leaves the GPU.
+  optimizer (experts over the expert-data-parallel ranks). ``optimizer.cpu_offload`` moves ``offload_fraction`` of
+  it to host memory (megatron's hybrid-device optimizer: an fp32 copy and fp32 moments there, 12 bytes a parameter
+  whatever the precision-aware dtypes); of that share only the distributed optimizer's fp32 master shards of
+  16-bit parameters stay on the GPU, and the precision-aware optimizer drops those too.
 - **activations** of one micro-batch of ``batch`` sequences of ``seq`` tokens per layer: the tensors autograd keeps,
   per token (Korthikanti et al. 2022; flash attention, no ``s x s`` term: TE's, or torch's SDPA in this project's
   local layers; TE also fuses the norms, while the local layers, as without TE, also keep the norms' outputs). In
@@ -220,10 +222,15 @@ def plan_memory(arch: ArchSpec, layout: Layout, *, params_dtype: str, micro_batc
             dense_params += (counts.output if counts.output or pp > 1 else 0) / tp + h  # final norm
         n = dense_params + expert_params
         grads = o.main_grads_bytes * n
-        main = o.main_params_bytes if pbytes < 4 else 0  # master weights of bf16/fp16 parameters
-        opt_all = (o.exp_avg_bytes + o.exp_avg_sq_bytes + main) * (dense_params / layout.dp
-                                                                    + expert_params / layout.expert_dp)
-        opt = opt_all * (1.0 - o.optimizer_offload)
+        shard = dense_params / layout.dp + expert_params / layout.expert_dp  # this rank's optimizer shard
+        sixteen = pbytes < 4  # bf16/fp16 parameters have master copies
+        f = o.optimizer_offload
+        # On the device: the share left there (Transformer Engine's fused Adam honours the precision-aware dtypes),
+        # and for the offloaded share the distributed optimizer's fp32 master shards of 16-bit parameters, which the
+        # precision-aware path leaves to the host copy.
+        opt = shard * ((1.0 - f) * (o.exp_avg_bytes + o.exp_avg_sq_bytes + (o.main_params_bytes if sixteen else 0))
+                       + f * (4 if sixteen and not o.precision_aware else 0))
+        host = shard * f * (4 + 8)  # the hybrid optimizer's fp32 copy and fp32 moments of the offloaded share
         act_full, act_rc = _activations(arch, layers, layout, micro_batch_tokens, fp8=fp8,
                                         in_flight=pp - stage, act_bytes=pbytes, te=te)
         parts = {"parameters": pbytes * n, "gradients": grads, "optimizer": opt,
@@ -236,7 +243,7 @@ def plan_memory(arch: ArchSpec, layout: Layout, *, params_dtype: str, micro_batc
         total = sum(parts.values())
         if total > worst_total:
             worst, worst_total, best_act, worst_stage = parts, total, (act_full, act_rc), stage
-            host_opt = opt_all - opt
+            host_opt = host
     plan = Plan(layout=layout, params=counts, parts=worst, stage=worst_stage,
                 activations_without_recompute=best_act[0], activations_with_recompute=best_act[1], options=o,
                 host_optimizer=host_opt)

@@ -109,7 +109,11 @@ def test_each_memory_option_takes_what_it_should() -> None:
     base = plan_memory(arch, lay, **kw)  # type: ignore[arg-type]
     full_opt = base.parts["optimizer"]
     half = plan_memory(arch, lay, options=MemoryOptions(optimizer_offload=0.5), **kw)  # type: ignore[arg-type]
-    assert half.parts["optimizer"] == pytest.approx(full_opt / 2) and half.host_optimizer == pytest.approx(full_opt / 2)
+    # the offloaded half moves to the host (fp32 copy + moments, 12 B); its fp32 master shards (4 B) stay
+    assert half.parts["optimizer"] == pytest.approx(full_opt * (6 + 2) / 12)
+    assert half.host_optimizer == pytest.approx(full_opt / 2)
+    both = plan_memory(arch, lay, options=MemoryOptions(optimizer_offload=1.0, precision_aware=True), **kw)  # type: ignore[arg-type]
+    assert both.parts["optimizer"] == 0.0 and both.host_optimizer == pytest.approx(full_opt)
     aware = plan_memory(arch, lay, options=MemoryOptions(precision_aware=True, exp_avg_bytes=2, exp_avg_sq_bytes=2),
                         **kw)  # type: ignore[arg-type]
     assert aware.parts["optimizer"] == pytest.approx(full_opt * 8 / 12)  # fp32 master (4) + bf16 moments (2 + 2)
