@@ -40,6 +40,13 @@ megatron-core code it addresses:
    one rank the shard is the whole buffer and there is nothing to move, but gloo copies it anyway (NCCL does
    not): three copies of the whole buffer per step here. Those calls return at once when the group has one member
    and the shard is the buffer itself (an exact no-op: the values stay the same bits).
+9. ``optimizer/cpu_offloading/hybrid_optimizer.py`` (``optimizer.cpu_offload``) offloads the parameters that are
+   ``is_cuda`` and makes their host copies with ``.cpu().pin_memory()``. On CPU no parameter is a device one:
+   nothing would be offloaded, and ``step`` then looks up host copies that were never made (``KeyError``).
+   ``_get_sub_optimizer_param_groups`` is replaced by the same split with the CPU as the device: the first
+   ``offload_fraction`` of the elements, in parameter order, get a host copy of their own storage (unpinned:
+   pinning needs an accelerator), updated by the host optimizer and copied back after each step, exactly the
+   path a GPU takes, minus the transfer.
 
 The sequence-parallel-capable RMSNorm that ``WrappedTorchNorm`` lacks is a model component and
 lives in :mod:`nsr_megatron.models.norm`, not here.
@@ -228,6 +235,40 @@ def _skip_in_place_single(collective: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+# --------------------------------------------------------------------------------------------
+# Part 9: the hybrid-device optimizer's host copies.
+# --------------------------------------------------------------------------------------------
+def _host_split(self: Any, offload_fraction: float) -> tuple[Any, ...]:
+    """megatron-core 0.16 ``HybridDeviceOptimizer._get_sub_optimizer_param_groups`` with the CPU standing for the
+    device (see the module docstring, part 9). Returns what the original returns: the host and device parameter
+    groups, the maps between each offloaded parameter and its host copy, and the fp32 copies made for 16-bit
+    parameters when ``param_update_in_fp32``."""
+    params = [p for group in self.param_groups for p in group["params"]]
+    threshold = sum(p.numel() for p in params) * offload_fraction
+    offloaded = 0
+    host_groups: list[dict[str, Any]] = []
+    device_groups: list[dict[str, Any]] = []
+    to_host: dict[torch.Tensor, torch.Tensor] = {}
+    from_host: dict[torch.Tensor, torch.Tensor] = {}
+    to_fp32: dict[torch.Tensor, torch.Tensor] = {}
+    for group in self.param_groups:
+        host_group, device_group = dict(group, params=[]), dict(group, params=[])
+        for orig in group["params"]:
+            param, on_host = orig, offloaded < threshold
+            if on_host:
+                param = orig.detach().clone()  # its own storage, as a GPU parameter's host copy has
+                offloaded += param.numel()
+            if self.param_update_in_fp32 and param.dtype != torch.float32:
+                param = param.detach().clone().float()
+                to_fp32[orig] = param
+            if on_host:
+                to_host[orig], from_host[param] = param, orig
+            (host_group if on_host else device_group)["params"].append(param)
+        host_groups += [host_group] if host_group["params"] else []
+        device_groups += [device_group] if device_group["params"] else []
+    return host_groups, device_groups, to_host, from_host, to_fp32
+
+
 def cpu_compat_installed() -> bool:
     return bool(_INSTALLED)
 
@@ -331,6 +372,12 @@ def install_cpu_compat() -> bool:
     _INSTALLED["buffer_collectives"] = (buffers.dist_all_gather_func, buffers.dist_reduce_scatter_func)
     buffers.dist_all_gather_func = _skip_in_place_single(buffers.dist_all_gather_func)
     buffers.dist_reduce_scatter_func = _skip_in_place_single(buffers.dist_reduce_scatter_func)
+
+    # Part 9: the hybrid-device optimizer's split between the device and the host.
+    from megatron.core.optimizer.cpu_offloading.hybrid_optimizer import HybridDeviceOptimizer
+
+    _INSTALLED["hybrid_split"] = HybridDeviceOptimizer._get_sub_optimizer_param_groups
+    HybridDeviceOptimizer._get_sub_optimizer_param_groups = _host_split  # type: ignore[method-assign]
 
     # Part 2: device mapping for literal "cuda" factories, .cuda(), .type() names.
     mode = _CudaToCpuMode()

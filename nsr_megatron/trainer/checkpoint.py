@@ -10,7 +10,9 @@ All ranks write into ``<root>/.tmp-step_00000010/``; after a barrier rank 0 writ
 and renames the folder. A crash at any point leaves either the previous complete checkpoint or a
 ``.tmp-*`` folder that :func:`latest_checkpoint` ignores (and :func:`save_checkpoint` clears).
 The optimizer state is saved in megatron's ``fully_reshardable`` format, so a checkpoint saved
-under one TP / PP / EP layout loads under another.
+under one TP / PP / EP layout loads under another, and one saved with ``optimizer.cpu_offload`` or
+``precision_aware`` loads with either on or off (the format holds fp32 ``param`` / ``exp_avg`` / ``exp_avg_sq``
+per parameter whichever optimizer wrote it).
 """
 
 from __future__ import annotations
@@ -48,8 +50,37 @@ def _sharded_state(model: torch.nn.Module, optimizer: Any, *, is_loading: bool) 
     model_sd = unwrap_model(model).sharded_state_dict()
     state: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=_OPT_META)
+        state["optimizer"] = _without_hybrid_settings(
+            optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=_OPT_META))
     return state
+
+
+def _hybrid_settings() -> frozenset[str]:
+    """The constructor settings megatron's ``HybridDeviceOptimizer`` (``optimizer.cpu_offload``) puts into every
+    parameter group: ``offload_fraction``, ``cpu_optimizer_cls``, ``pin_cpu_grads``, ..."""
+    import inspect
+
+    from megatron.core.optimizer.cpu_offloading.hybrid_optimizer import HybridDeviceOptimizer
+
+    params = inspect.signature(HybridDeviceOptimizer.__init__).parameters
+    return frozenset(name for name, p in params.items() if name not in ("self", "params") and p.kind != p.VAR_KEYWORD)
+
+
+def _without_hybrid_settings(state: Any) -> Any:
+    """``state`` with the hybrid optimizer's settings left out of every ``param_groups`` entry. They describe how
+    this run places its optimizer, not the optimizer's state, and two of them are classes, which ``torch.load``
+    refuses (``weights_only``): without them a checkpoint saved with ``optimizer.cpu_offload`` on loads with it
+    off and the other way round (the loading run's optimizer keeps its own settings)."""
+    drop = _hybrid_settings()
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: ([{g: v for g, v in group.items() if g not in drop} if isinstance(group, dict) else group
+                         for group in v] if k == "param_groups" and isinstance(v, list) else clean(v))
+                    for k, v in value.items()}
+        return value
+
+    return clean(state)
 
 
 class CheckpointError(RuntimeError):
@@ -200,7 +231,9 @@ def _fix_torch_adam_step_on_load() -> None:
     key of the live optimizer state from the loaded tensors, but the ``fully_reshardable`` loader
     leaves torch Adam's per-parameter ``step`` out (it restores it from ``param_groups``): without
     Transformer Engine / apex (torch Adam) loading fails with ``KeyError: 'step'``. Keep the live
-    ``step`` there (megatron sets it from ``param_groups`` itself). Idempotent."""
+    ``step`` there (megatron sets it from ``param_groups`` itself). With ``optimizer.cpu_offload`` the live state
+    also holds the hybrid optimizer's ``master_param`` (the host copy of the main parameter, or the main parameter
+    itself), which the checkpoint stores as ``param``: it gets that value. Idempotent."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     original = DistributedOptimizer._set_main_param_and_optimizer_states
@@ -208,16 +241,43 @@ def _fix_torch_adam_step_on_load() -> None:
         return
 
     def patched(self: Any, model_param: Any, tensors: dict[str, torch.Tensor]) -> None:
-        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+        if not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
             group_index, group_order = self.model_param_group_index_map[model_param]
             main_param = self.optimizer.param_groups[group_index]["params"][group_order]
             live = self.optimizer.state[main_param]
-            if "step" in live:
+            if "step" not in tensors and "step" in live:
                 tensors = {**tensors, "step": live["step"]}
+            if "master_param" not in tensors and "master_param" in live:
+                tensors = {**tensors, "master_param": tensors["param"]}
         original(self, model_param, tensors)
 
     patched._nsr_step_fix = True  # type: ignore[attr-defined]
     DistributedOptimizer._set_main_param_and_optimizer_states = patched  # type: ignore[method-assign]
+
+
+def _fix_hybrid_master_params_on_load() -> None:
+    """megatron-core 0.16 ``HybridDeviceOptimizer._update_fp32_params_by_new_state`` (run after every state load)
+    copies each parameter's loaded ``master_param`` into its fp32 copy, and raises ``KeyError`` for a parameter
+    that has none: every fp32 parameter (the distributed optimizer's shards of an fp32 model, or of the fp32 main
+    copies). Copy it into the tensor the inner optimizer actually updates instead: the fp32 copy, the host copy of
+    an offloaded parameter, or the parameter itself (nothing to do when that tensor already is the master).
+    Idempotent."""
+    from megatron.core.optimizer.cpu_offloading.hybrid_optimizer import HybridDeviceOptimizer
+
+    if getattr(HybridDeviceOptimizer._update_fp32_params_by_new_state, "_nsr_master_fix", False):
+        return
+
+    @torch.no_grad()
+    def update_inner_params(self: Any) -> None:
+        if not self.param_update_in_fp32:
+            return
+        for param, state in self.state.items():
+            inner, master = self.param_to_inner_param.get(param, param), state.get("master_param")
+            if isinstance(master, torch.Tensor) and inner is not master:
+                inner.data.copy_(master)
+
+    update_inner_params._nsr_master_fix = True  # type: ignore[attr-defined]
+    HybridDeviceOptimizer._update_fp32_params_by_new_state = update_inner_params  # type: ignore[method-assign]
 
 
 def _ensure_optimizer_state(optimizer: Any) -> None:
@@ -305,6 +365,7 @@ def load_checkpoint(
         raise ValueError(f"{path} holds no optimizer state; load it with optimizer=None.")
     if optimizer is not None:
         _fix_torch_adam_step_on_load()
+        _fix_hybrid_master_params_on_load()
         _ensure_optimizer_state(optimizer)
     sharded = _sharded_state(model, optimizer, is_loading=True)
     loaded = dist_checkpointing.load(sharded, str(path), strict="assume_ok_unexpected")

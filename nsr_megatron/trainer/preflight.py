@@ -62,6 +62,7 @@ def preflight(config: Config, *, world_size: int) -> RunInputs:
     arch = arch_from_hf(read_hf_config(hf_dir))
     validate_layout(arch, config.model, config.parallel, world_size)
     _check_rollout(config)
+    _check_optimizer(config)
     if config.algorithm.routing_replay != "off" and not arch.is_moe:
         raise ConfigError(f"algorithm.routing_replay={config.algorithm.routing_replay} replays MoE routing, but "
                           f"model.hf_path holds a dense {arch.model_type} model; set algorithm.routing_replay=off.")
@@ -244,6 +245,14 @@ def _check_rollout(config: Config) -> None:
                 "python it prints.")
 
 
+def _check_optimizer(config: Config) -> None:
+    """``optimizer.cpu_offload`` / ``precision_aware`` against what megatron-core accepts (``build_model`` makes the
+    same check, for the commands that skip preflight)."""
+    from nsr_megatron.models.provider import validate_optimizer
+
+    validate_optimizer(config.optimizer, config.parallel, config.model)
+
+
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 def arch_difference(saved: dict[str, Any], arch: ArchSpec) -> list[str]:
@@ -370,6 +379,18 @@ def ignored_settings(config: Config) -> list[str]:
         out.append("model.offload_reference is ignored: loss.kl_coef=0 builds no reference model.")
     if config.optimizer.lr_schedule == "constant" and changed("optimizer", "min_lr"):
         out.append("optimizer.min_lr is ignored: optimizer.lr_schedule=constant.")
+    o = config.optimizer
+    if not o.cpu_offload and (changed("optimizer", "offload_fraction") or changed("optimizer", "offload_overlap")):
+        out.append("optimizer.offload_fraction / offload_overlap are ignored: optimizer.cpu_offload=false.")
+    kept_fp32 = [f"{name}={getattr(o, name)}" for name in ("main_params_dtype", "exp_avg_dtype", "exp_avg_sq_dtype")
+                 if getattr(o, name) != "fp32"]
+    if o.precision_aware and o.cpu_offload and kept_fp32:
+        out.append(f"optimizer.{', '.join(kept_fp32)} {'is' if len(kept_fp32) == 1 else 'are'} ignored with "
+                   "optimizer.cpu_offload=true: megatron-core's hybrid CPU optimizer keeps Adam's moments and the master "
+                   "weights in fp32 (torch AdamW); precision_aware then saves the device's fp32 copy of 16-bit weights.")
+    if o.precision_aware and o.main_grads_dtype != "fp32":
+        out.append(f"optimizer.main_grads_dtype={o.main_grads_dtype} is ignored: gradients are reduced and kept in "
+                   "fp32 (the DDP buffers' grad_reduce_in_fp32).")
     if config.reward.executor == "thread" and changed("reward", "start_method"):
         out.append("reward.start_method is ignored: reward.executor=thread.")
     if config.algorithm.old_logprobs == "rollout" and (
