@@ -11,8 +11,9 @@ Nothing here imports megatron or touches a GPU. The estimate follows how this pr
   precision-aware optimizer's dtypes where it is on), divided over the data-parallel ranks with the distributed
   optimizer (experts over the expert-data-parallel ranks). ``optimizer.cpu_offload`` moves ``offload_fraction`` of
   it to host memory (megatron's hybrid-device optimizer: an fp32 copy and fp32 moments there, 12 bytes a parameter
-  whatever the precision-aware dtypes); of that share only the distributed optimizer's fp32 master shards of
-  16-bit parameters stay on the GPU, and the precision-aware optimizer drops those too.
+  whatever the precision-aware dtypes, and fp32 AdamW on the share it leaves on the GPU too); of the offloaded
+  share only the distributed optimizer's fp32 master shards of 16-bit parameters stay on the GPU, and the
+  precision-aware optimizer drops those.
 - **activations** of one micro-batch of ``batch`` sequences of ``seq`` tokens per layer: the tensors autograd keeps,
   per token (Korthikanti et al. 2022; flash attention, no ``s x s`` term: TE's, or torch's SDPA in this project's
   local layers; TE also fuses the norms, while the local layers, as without TE, also keep the norms' outputs). In
@@ -51,7 +52,7 @@ class MemoryOptions:
 
     optimizer_offload: float = 0.0  # share of the optimizer state in host memory (optimizer.cpu_offload x fraction)
     precision_aware: bool = False  # optimizer.precision_aware: the dtypes below apply
-    main_grads_bytes: int = 4
+    main_grads_bytes: int = 4  # the DDP gradient buffer (fp32: grad_reduce_in_fp32)
     main_params_bytes: int = 4
     exp_avg_bytes: int = 4
     exp_avg_sq_bytes: int = 4
@@ -62,13 +63,14 @@ class MemoryOptions:
     @classmethod
     def from_config(cls, config: Any) -> MemoryOptions:
         opt = config.optimizer
-        aware = bool(opt.precision_aware)
+        aware = bool(opt.precision_aware) and not opt.cpu_offload  # the hybrid optimizer keeps fp32 moments
         b = {"fp32": 4, "bf16": 2, "fp16": 2}
         r = config.rollout
         colocated = r.backend == "sglang" and r.sglang.colocate and not r.urls
         offload_train = r.offload_train == "true" or (r.offload_train == "auto" and colocated)
-        return cls(optimizer_offload=opt.offload_fraction if opt.cpu_offload else 0.0, precision_aware=aware,
-                   main_grads_bytes=b[opt.main_grads_dtype] if aware else 4,
+        return cls(optimizer_offload=opt.offload_fraction if opt.cpu_offload else 0.0,
+                   precision_aware=bool(opt.precision_aware),
+                   main_grads_bytes=4,  # megatron DDP reduces gradients in fp32 (grad_reduce_in_fp32)
                    main_params_bytes=b[opt.main_params_dtype] if aware else 4,
                    exp_avg_bytes=b[opt.exp_avg_dtype] if aware else 4,
                    exp_avg_sq_bytes=b[opt.exp_avg_sq_dtype] if aware else 4,
@@ -76,8 +78,10 @@ class MemoryOptions:
                    engine_tp=r.sglang.tp_size)
 
     def describe(self) -> str:
-        aware = (f"on (main grads {self.main_grads_bytes} B, main params {self.main_params_bytes} B, moments "
-                 f"{self.exp_avg_bytes} + {self.exp_avg_sq_bytes} B)" if self.precision_aware else "off")
+        aware = ("off" if not self.precision_aware else "on (in the hybrid optimizer: fp32 moments on the host, no "
+                 "fp32 master shards on the GPU)" if self.optimizer_offload else
+                 f"on (main params {self.main_params_bytes} B, moments {self.exp_avg_bytes} + "
+                 f"{self.exp_avg_sq_bytes} B, through TE's fused Adam)")
         return (f"optimizer.cpu_offload={'on, ' + format(self.optimizer_offload, 'g') + ' of the state' if self.optimizer_offload else 'off'}; "
                 f"optimizer.precision_aware={aware}; rollout.offload_train={'on' if self.offload_train else 'off'}; "
                 f"model.fused_logprobs={'on' if self.fused_logprobs else 'off'}")
@@ -225,11 +229,13 @@ def plan_memory(arch: ArchSpec, layout: Layout, *, params_dtype: str, micro_batc
         shard = dense_params / layout.dp + expert_params / layout.expert_dp  # this rank's optimizer shard
         sixteen = pbytes < 4  # bf16/fp16 parameters have master copies
         f = o.optimizer_offload
-        # On the device: the share left there (Transformer Engine's fused Adam honours the precision-aware dtypes),
-        # and for the offloaded share the distributed optimizer's fp32 master shards of 16-bit parameters, which the
+        # On the device: the share left there (without offload Transformer Engine's fused Adam honours the
+        # precision-aware dtypes; megatron's hybrid optimizer runs fp32 AdamW on both of its shares), and for the
+        # offloaded share the distributed optimizer's fp32 master shards of 16-bit parameters, which the
         # precision-aware path leaves to the host copy.
-        opt = shard * ((1.0 - f) * (o.exp_avg_bytes + o.exp_avg_sq_bytes + (o.main_params_bytes if sixteen else 0))
-                       + f * (4 if sixteen and not o.precision_aware else 0))
+        kept = (o.exp_avg_bytes + o.exp_avg_sq_bytes + (o.main_params_bytes if sixteen else 0) if not f
+                else (1.0 - f) * (8 + (4 if sixteen else 0)))
+        opt = shard * (kept + f * (4 if sixteen and not o.precision_aware else 0))
         host = shard * f * (4 + 8)  # the hybrid optimizer's fp32 copy and fp32 moments of the offloaded share
         act_full, act_rc = _activations(arch, layers, layout, micro_batch_tokens, fp8=fp8,
                                         in_flight=pp - stage, act_bytes=pbytes, te=te)
@@ -287,14 +293,17 @@ def _activations(arch: ArchSpec, layers: list[int], layout: Layout, tokens: int,
             + q * g / tp)  # output-projection input
     per_layer = []
     for layer in layers:
+        # megatron's local SwiGLU (silu(gate) * up in torch) also keeps silu(gate) for the product's backward; TE's
+        # fused SwiGLU keeps only its input
+        glu = 0 if te else (arch.moe_ffn_hidden_size if arch.is_moe and arch.moe_layers[layer] else arch.ffn_hidden_size) * a
         if arch.is_moe and arch.moe_layers[layer]:
             k, f = arch.moe_topk, arch.moe_ffn_hidden_size
             mlp = (h * a / sp + arch.num_experts * 4  # router input and probabilities
-                   + k * (h * g + 2 * f * a + f * g) / layout.etp  # per routed copy: fc1 input, fc1 out, fc2 input
+                   + k * (h * g + 2 * f * a + f * g + glu) / layout.etp  # per routed copy: fc1 input, fc1 out, fc2 input
                    + k * h * a)  # the experts' outputs, kept for the probability-weighted combine
         else:
             f = arch.ffn_hidden_size
-            mlp = h * g / sp + (2 * f * a + f * g) / tp
+            mlp = h * g / sp + (2 * f * a + f * g + glu) / tp
         per_layer.append(norms + attn + mlp)
     full = tokens * sum(per_layer) * in_flight
     recompute = tokens * (len(layers) * h * a / sp * in_flight + max(per_layer))
