@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 
 from nsr_megatron.config import ConfigError, ModelConfig, OptimizerConfig, ParallelConfig
+from nsr_megatron.host_offload import HostOffload
 from nsr_megatron.models.hf_config import ArchSpec, transformer_config
 from nsr_megatron.models.norm import RMSNorm
 
@@ -367,7 +368,7 @@ class ModelBundle:
     routing: Any = None  # the routing profiler on this model's routers (profile.routing), or None
     replay: Any = None  # the routing replay of this model's routers (algorithm.routing_replay), or None
     fused_logprobs: bool = False  # model.fused_logprobs: log-probs from the hidden states, no logits tensor
-    _host: list[tuple[torch.nn.Parameter, torch.Tensor]] = field(default_factory=list, repr=False)
+    _host: HostOffload | None = field(default=None, repr=False)  # the reference's host copy (offload)
 
     @property
     def gpt(self) -> Any:
@@ -379,29 +380,22 @@ class ModelBundle:
     @property
     def offloaded(self) -> bool:
         """True while the weights live only in host memory."""
-        return bool(self._host) and all(p.untyped_storage().nbytes() == 0 for p, _ in self._host)
+        return self._host is not None and self._host.offloaded
 
-    @torch.no_grad()
     def offload_weights(self) -> None:
-        """Free the device storage of every parameter; the values stay in the host copy."""
+        """Free the device storage of every parameter; the values stay in the host copy (made once: frozen)."""
         if self.role != "reference":
             raise ValueError("only the frozen reference model can be offloaded (the policy trains).")
-        if not self._host:
-            pin = torch.cuda.is_available()
-            self._host = [(p, p.detach().to("cpu", copy=True).pin_memory() if pin else p.detach().clone())
-                          for p in self.module.parameters()]
-        for p, _ in self._host:
-            p.untyped_storage().resize_(0)
+        if self._host is None:
+            device = next(self.module.parameters()).device
+            self._host = HostOffload(device, frozen=True)
+        if not self._host.offloaded:
+            self._host.offload(self.module.parameters())
 
-    @torch.no_grad()
     def onload_weights(self) -> None:
         """Give every parameter its storage back and copy its values from the host copy."""
-        for p, host in self._host:
-            if p.untyped_storage().nbytes() == 0:
-                p.untyped_storage().resize_(p.numel() * p.element_size())
-                p.copy_(host, non_blocking=True)
-        if self._host and torch.cuda.is_available():
-            torch.cuda.current_stream().synchronize()
+        if self._host is not None:
+            self._host.onload()
 
     @contextmanager
     def in_use(self) -> Iterator[ModelBundle]:
