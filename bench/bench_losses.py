@@ -2,6 +2,7 @@
 
     python bench/bench_losses.py                       # defaults below, a few minutes on 2 CPU cores
     python bench/bench_losses.py --tokens 4194304 --lp-tokens 8192 --device cuda
+    OMP_NUM_THREADS=2 python bench/bench_losses.py --only fused   # suite 3 alone, about 10 minutes on 2 CPU cores
 
 1. Forward + backward of ``policy_loss`` for dapo, nsr and nsr-decay on ``--tokens`` tokens
    (rows of ``--seq-len``; log-ratios ~ N(0, 0.1^2), about 1% of tokens clipped, 90% of tokens unmasked).
@@ -10,6 +11,14 @@
    (:func:`vocab_parallel_logprobs_entropy`, one process, full vocabulary) against the naive
    ``log_softmax(logits.float() / T).gather(target)``; both also with the entropy as a second output.
    Target: ours <= 0.5 x naive peak memory, and no slower.
+3. (only with ``--only fused``) Forward + backward of log-probs and entropy from the last hidden states
+   [--fused-tokens, --hidden] and an output weight [--vocab, --hidden] in ``--fused-dtype``: ``old`` = the logits
+   GEMM ``hidden @ weight.T`` (in the model's dtype, as megatron's output layer) then
+   :func:`vocab_parallel_logprobs_entropy` and its backward through the GEMM; ``fused`` =
+   :func:`fused_logprobs_entropy` (no logits tensor; the backward recomputes each tile's logits). Objective
+   ``sum(logprob) + sum(entropy)``, gradients to the hidden states and the weight. The peak is also given without
+   the returned gradients (the weight's is [V, H] in both: 594 MiB in bf16 at Qwen3-30B-A3B's 151,936 x 2048),
+   i.e. what the logits cost. Target: fused <= 0.1 x old peak memory and <= 1.3 x old time.
 
 Times: all variants of a suite run interleaved in one subprocess (one warm-up each, then
 ``--loss-repeats`` or ``--lp-repeats`` rounds, the order rotating every round), so drifting machine load
@@ -41,10 +50,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nsr_megatron.losses import PolicyLossConfig, policy_loss, vocab_parallel_logprobs_entropy  # noqa: E402
+from nsr_megatron.losses import (  # noqa: E402
+    PolicyLossConfig,
+    fused_logprobs_entropy,
+    policy_loss,
+    vocab_parallel_logprobs_entropy,
+)
 
 LOSS_VARIANTS = ("dapo", "nsr", "nsr-decay")
 LP_VARIANTS = ("naive", "ours", "naive+entropy", "ours+entropy")
+FUSED_VARIANTS = ("old", "fused")
 
 
 def _rss_kib(field: str) -> int:
@@ -139,8 +154,44 @@ def lp_setup(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
     return {v: make(v) for v in LP_VARIANTS}
 
 
+def fused_setup(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
+    """One fwd+bwd closure per head variant, on shared hidden states [N, H] and output weight [V, H]."""
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.fused_dtype]
+    g = torch.Generator().manual_seed(0)
+
+    def randn(rows: int, cols: int, scale: float) -> torch.Tensor:  # filled in slices: no full fp32 temporary
+        out = torch.empty(rows, cols, dtype=dtype, device=device)
+        for a in range(0, rows, 1024):
+            out[a : a + 1024] = (torch.randn(min(1024, rows - a), cols, generator=g) * scale).to(dtype)
+        return out.requires_grad_()
+
+    hidden = randn(args.fused_tokens, args.hidden, 1.0)  # [N, H] after the final norm: unit scale
+    weight = randn(args.vocab, args.hidden, 2.0 / args.hidden**0.5)  # [V, H] logits of std ~2
+    targets = torch.randint(0, args.vocab, (args.fused_tokens,), generator=g).to(device)  # [N]
+    INFO["grad_mib"] = (hidden.numel() + weight.numel()) * hidden.element_size() / 2**20
+
+    def make(variant: str) -> Callable[[], None]:
+        def step() -> None:
+            if variant == "fused":
+                lp, ent = fused_logprobs_entropy(hidden, weight, targets, temperature=args.temperature,
+                                                 chunk_size=args.fused_chunk,
+                                                 vocab_chunk_size=args.fused_vocab_chunk)  # fmt: skip
+            else:
+                logits = hidden @ weight.t()  # [N, V] in the model's dtype
+                lp, ent = vocab_parallel_logprobs_entropy(logits, targets, temperature=args.temperature)
+                del logits  # held by autograd until the backward, as in the trainer
+            (lp.sum() + ent.sum()).backward()
+            hidden.grad = weight.grad = None
+
+        return step
+
+    return {v: make(v) for v in FUSED_VARIANTS}
+
+
 INFO: dict[str, Any] = {}
-SETUPS = {"loss": loss_setup, "logprob": lp_setup}
+SETUPS = {"loss": loss_setup, "logprob": lp_setup, "fused": fused_setup}
+REPEATS = {"loss": "loss_repeats", "logprob": "lp_repeats", "fused": "fused_repeats"}
 
 
 def worker(mode: str, kind: str, variant: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -159,7 +210,7 @@ def worker(mode: str, kind: str, variant: str, args: argparse.Namespace) -> dict
     for step in steps.values():
         step()  # warm-up
     names = list(steps)
-    for r in range(args.loss_repeats if kind == "loss" else args.lp_repeats):
+    for r in range(getattr(args, REPEATS[kind])):
         for v in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order: no position bias
             step = steps[v]
             if device.type == "cuda":
@@ -197,9 +248,16 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--loss-repeats", type=int, default=15, help="timed loss runs per variant, interleaved")
     p.add_argument("--lp-repeats", type=int, default=3, help="timed log-prob runs per variant, interleaved")
+    p.add_argument("--fused-tokens", type=int, default=8192, help="tokens of the fused-head benchmark")
+    p.add_argument("--hidden", type=int, default=2048, help="hidden size of the fused-head benchmark (Qwen3-30B-A3B)")
+    p.add_argument("--fused-dtype", choices=("fp32", "bf16"), default="bf16")
+    p.add_argument("--fused-chunk", type=int, default=None, help="tokens per tile of the fused op (automatic)")
+    p.add_argument("--fused-vocab-chunk", type=int, default=None, help="vocabulary rows per tile (automatic)")
+    p.add_argument("--fused-repeats", type=int, default=2, help="timed fused-head runs per variant, interleaved")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--only", choices=("loss", "logprob"), default=None)
+    p.add_argument("--only", choices=("loss", "logprob", "fused"), default=None,
+                   help="one suite; without it: loss and logprob (fused runs only when named)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -208,20 +266,23 @@ def main() -> None:
         print(json.dumps(worker(mode, kind, variant, args)))
         return
     argv = [a for a in sys.argv[1:] if a]
-    suites = {"loss": (LOSS_VARIANTS, "dapo"), "logprob": (LP_VARIANTS, "naive")}
+    suites = {"loss": (LOSS_VARIANTS, "dapo"), "logprob": (LP_VARIANTS, "naive"), "fused": (FUSED_VARIANTS, "old")}
     print(f"torch {torch.__version__}, device {args.device}, {args.threads} threads; time: median of "
-          f"{args.loss_repeats} (loss) / {args.lp_repeats} (log-prob) interleaved runs in one process; "
-          "memory: peak growth in a fresh process per variant")  # fmt: skip
-    for kind, (variants, base) in suites.items():
-        if args.only and args.only != kind:
-            continue
+          f"{args.loss_repeats} (loss) / {args.lp_repeats} (log-prob) / {args.fused_repeats} (fused head) "
+          "interleaved runs in one process; memory: peak growth in a fresh process per variant")  # fmt: skip
+    for kind in [args.only] if args.only else ["loss", "logprob"]:
+        variants, base = suites[kind]
         timing = run_worker("time", kind, "all", argv)
         med = {v: statistics.median(ts) for v, ts in timing["times"].items()}
         cpu = {v: statistics.median(ts) for v, ts in timing["cpu"].items()}
-        mem = {v: run_worker("memory", kind, v, argv)["peak_mib"] for v in variants}
+        mem_runs = {v: run_worker("memory", kind, v, argv) for v in variants}
+        mem = {v: r["peak_mib"] for v, r in mem_runs.items()}
         if kind == "loss":
             print(f"\npolicy_loss forward+backward, {args.tokens} tokens ({args.tokens // args.seq_len} x "
                   f"{args.seq_len}), clip fraction {timing['clip_frac']:.2%}")  # fmt: skip
+        elif kind == "fused":
+            print(f"\nlog-prob + entropy forward+backward from hidden [{args.fused_tokens} x {args.hidden}] and "
+                  f"weight [{args.vocab} x {args.hidden}] {args.fused_dtype}, T={args.temperature}")  # fmt: skip
         else:
             print(f"\nlog-prob forward+backward, logits [{args.lp_tokens} x {args.vocab}] {args.lp_dtype}")
         for v in variants:
@@ -229,6 +290,11 @@ def main() -> None:
             print(f"  {v:14s} wall {med[v] * 1e3:8.1f} ms (x{med[v] / med[ref]:.3f})  "
                   f"cpu {cpu[v] * 1e3:8.1f} ms (x{cpu[v] / cpu[ref]:.3f})  "
                   f"peak +{mem[v]:7.1f} MiB (x{mem[v] / mem[ref]:.3f})   ratios vs {ref}")  # fmt: skip
+        if kind == "fused":  # what the logits cost: the peak less the returned gradients (the same in both)
+            grad = mem_runs[base]["grad_mib"]
+            for v in variants:
+                print(f"  {v:14s} peak without the gradients of hidden and weight ({grad:.1f} MiB): "
+                      f"+{mem[v] - grad:7.1f} MiB (x{(mem[v] - grad) / (mem[base] - grad):.3f})")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Policy losses for RLVR (pure torch, no megatron): presets, NSR, vocab-parallel log-probs, reductions.
+"""Policy losses for RLVR (pure torch, no megatron): presets, NSR, vocab-parallel log-probs (from logits, or fused
+with the output layer from the last hidden states), reductions.
 
 >>> from nsr_megatron.losses import PolicyLossConfig, policy_loss
 >>> cfg = PolicyLossConfig(name="nsr", eps_low=0.2, eps_high=0.28)
@@ -7,6 +8,7 @@
 See LOSSES.md for the definitions and :mod:`nsr_megatron.losses.policy` for the maths.
 """
 
+from nsr_megatron.losses.fused_logprobs import fused_logprobs_entropy
 from nsr_megatron.losses.logprobs import vocab_parallel_logprobs_entropy
 from nsr_megatron.losses.policy import (
     PRESETS,
@@ -21,6 +23,7 @@ from nsr_megatron.losses.rng import uniform
 __all__ = [
     "PRESETS",
     "PolicyLossConfig",
+    "fused_logprobs_entropy",
     "global_statistics",
     "global_sums",
     "loss_denominators",

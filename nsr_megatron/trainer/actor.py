@@ -1,21 +1,30 @@
 """The trainer's megatron boundary: forward / backward through megatron-core's pipeline schedule,
 the optimizer step, and vocabulary gathering.
 
-Legend: B micro-batch size, S sequence length, V vocabulary (V/tp on each tensor-parallel rank).
+With ``model.fused_logprobs`` (``bundle.fused_logprobs``) the trainer's own losses (:func:`policy_loss_fn`,
+:func:`token_logprobs`, both :class:`HeadLoss`) receive the output layer's input, a
+:class:`~nsr_megatron.models.fused_head.HeadInput` (hidden states [B, S, H] and the output weight [V/tp, H]), and
+compute the log-probs with :func:`~nsr_megatron.losses.fused_logprobs_entropy`: no [B, S, V/tp] logits tensor.
+Any other loss function receives logits as before.
+
+Legend: B micro-batch size, S sequence length, H hidden size, V vocabulary (V/tp on each tensor-parallel rank).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from nsr_megatron.models.fused_head import HeadInput, hidden_head
 from nsr_megatron.models.provider import ModelBundle
 
 __all__ = [
+    "HeadLoss",
     "MicroBatch",
     "data_parallel_group",
     "forward_backward",
@@ -28,8 +37,22 @@ __all__ = [
 
 # A micro-batch: {"tokens": [B, S] int64, "position_ids": [B, S] int64 (optional), ...any extras}.
 MicroBatch = dict[str, torch.Tensor]
-# loss_fn(logits [B, S, V/tp], micro_batch) -> (loss scalar, {name: detached scalar tensor})
-LossFn = Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+LossResult = tuple[torch.Tensor, dict[str, torch.Tensor]]  # (loss scalar, {name: detached scalar tensor})
+# loss_fn(logits [B, S, V/tp], micro_batch) -> LossResult
+LossFn = Callable[[torch.Tensor, MicroBatch], LossResult]
+
+
+@dataclass(frozen=True)
+class HeadLoss:
+    """A loss function that also takes the output layer's input: with ``bundle.fused_logprobs``,
+    :func:`forward_backward` runs the model under :func:`~nsr_megatron.models.fused_head.hidden_head` and calls
+    ``fn(HeadInput, micro_batch)``; otherwise ``fn(logits [B, S, V/tp], micro_batch)``. A plain :data:`LossFn`
+    always gets logits."""
+
+    fn: Callable[[torch.Tensor | HeadInput, MicroBatch], LossResult]
+
+    def __call__(self, output: torch.Tensor | HeadInput, batch: MicroBatch) -> LossResult:
+        return self.fn(output, batch)
 
 
 def _device() -> torch.device:
@@ -62,6 +85,7 @@ def forward_backward(
     """Run every micro-batch through megatron-core's ``forward_backward_func`` (any PP size).
 
     ``phase`` names the pass for the model's routing profiler, when it has one (``old`` or ``train``).
+    A :class:`HeadLoss` gets the output layer's input instead of logits when ``bundle.fused_logprobs``.
 
     Returns the metrics dicts that ``loss_fn`` produced, on the last pipeline stage (empty elsewhere).
     The schedule divides each micro-batch loss by ``len(micro_batches)`` and megatron DDP averages
@@ -75,6 +99,7 @@ def forward_backward(
     device = _device()
     seq_len = int(micro_batches[0]["tokens"].shape[1])
     mbs = int(micro_batches[0]["tokens"].shape[0])
+    head_loss = loss_fn if bundle.fused_logprobs and isinstance(loss_fn, HeadLoss) else None
 
     def forward_step(data_iterator: Iterable[MicroBatch], model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
         batch = {k: v.to(device) for k, v in next(data_iterator).items()}  # type: ignore[call-overload]
@@ -86,10 +111,14 @@ def forward_backward(
             for hook in (bundle.replay, bundle.routing):
                 if hook is not None and "mb_key" in batch:
                     routing.enter_context(hook.micro_batch(int(batch["mb_key"]), phase, batch))
-            output = model(tokens, position_ids, None)  # [B, S, V/tp] on the last stage
+            head = routing.enter_context(hidden_head(bundle.gpt)) if head_loss is not None else None
+            output = model(tokens, position_ids, None)  # last stage: [B, S, V/tp] logits, or [B, S, H] when fused
 
         def loss_func(output_tensor: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            loss, metrics = loss_fn(output_tensor, batch)
+            if head_loss is not None and head is not None:
+                loss, metrics = head_loss(head.input(output_tensor), batch)
+            else:
+                loss, metrics = loss_fn(output_tensor, batch)
             # The schedule divides the loss in place; metrics must not share its storage.
             return loss, {k: v.detach().clone() for k, v in metrics.items()}
 
@@ -173,23 +202,29 @@ def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _forward_only(
-    bundle: ModelBundle, micro_batches: list[MicroBatch], per_batch: Callable[[torch.Tensor, MicroBatch], torch.Tensor]
+    bundle: ModelBundle,
+    micro_batches: list[MicroBatch],
+    per_batch: Callable[[Any, MicroBatch], torch.Tensor],
+    *,
+    head: bool = False,
 ) -> list[torch.Tensor] | None:
-    """``per_batch(logits, micro_batch)`` for every micro-batch, in eval mode without gradients; the results
-    on the last pipeline stage, None elsewhere."""
+    """``per_batch(output, micro_batch)`` for every micro-batch, in eval mode without gradients; the results
+    on the last pipeline stage, None elsewhere. ``output`` is the logits, or with ``head`` (and
+    ``bundle.fused_logprobs``) the output layer's :class:`HeadInput`."""
     from megatron.core import parallel_state as mpu
 
     captured: list[torch.Tensor] = []
 
-    def capture(logits: torch.Tensor, batch: MicroBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        captured.append(per_batch(logits, batch))
-        return logits.sum() * 0.0, {}
+    def capture(output: torch.Tensor | HeadInput, batch: MicroBatch) -> LossResult:
+        captured.append(per_batch(output, batch))
+        return (output.hidden if isinstance(output, HeadInput) else output).sum() * 0.0, {}
 
     was_training = bundle.module.training
     bundle.module.eval()
     try:
         with torch.no_grad():
-            forward_backward(bundle, micro_batches, capture, forward_only=True, phase="old")
+            forward_backward(bundle, micro_batches, HeadLoss(capture) if head else capture, forward_only=True,
+                             phase="old")
     finally:
         bundle.module.train(was_training)
     return captured if mpu.is_pipeline_last_stage() else None
@@ -206,20 +241,32 @@ def _tp_group() -> Any:
     return mpu.get_tensor_model_parallel_group() if mpu.get_tensor_model_parallel_world_size() > 1 else None
 
 
+def _next_token_logprobs(
+    output: torch.Tensor | HeadInput, targets: torch.Tensor, *, group: Any, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob, entropy) [B, T = S - 1] of the next tokens ``targets`` [B, T], from logits [B, S, V/tp] or
+    from the output layer's input (the fused op: no logits tensor)."""
+    from nsr_megatron.losses import fused_logprobs_entropy, vocab_parallel_logprobs_entropy
+
+    if isinstance(output, HeadInput):
+        return fused_logprobs_entropy(output.hidden[:, :-1], output.weight, targets, group=group,
+                                      temperature=temperature)
+    return vocab_parallel_logprobs_entropy(output[:, :-1], targets, group=group, temperature=temperature)
+
+
 def token_logprobs(bundle: ModelBundle, micro_batches: list[MicroBatch], *, temperature: float) -> list[torch.Tensor] | None:
     """log softmax(logits / T)[target] per micro-batch, [B, T] fp32, on the last pipeline stage (else None).
 
-    Used for the old policy's log-probs (recomputed by the trainer) and the reference model's.
+    Used for the old policy's log-probs (recomputed by the trainer) and the reference model's. With
+    ``bundle.fused_logprobs`` they come from the hidden states (no logits tensor).
     """
-    from nsr_megatron.losses import vocab_parallel_logprobs_entropy
-
     group = _tp_group()
 
-    def logprobs(logits: torch.Tensor, batch: MicroBatch) -> torch.Tensor:
-        lp, _ = vocab_parallel_logprobs_entropy(logits[:, :-1], batch["targets"], group=group, temperature=temperature)
+    def logprobs(output: torch.Tensor | HeadInput, batch: MicroBatch) -> torch.Tensor:
+        lp, _ = _next_token_logprobs(output, batch["targets"], group=group, temperature=temperature)
         return lp.float().cpu()
 
-    return _forward_only(bundle, micro_batches, logprobs)
+    return _forward_only(bundle, micro_batches, logprobs, head=True)
 
 
 def policy_loss_fn(
@@ -232,7 +279,7 @@ def policy_loss_fn(
     scale: float,
     masks_out: dict[int, dict[str, torch.Tensor]] | None = None,
     old_from_current: bool = False,
-) -> LossFn:
+) -> HeadLoss:
     """The RL loss on one micro-batch, normalised by the step's global denominators.
 
     megatron's schedule divides each micro-batch loss by the number of micro-batches and DDP averages
@@ -241,16 +288,15 @@ def policy_loss_fn(
     With ``masks_out``, each micro-batch's per-token band / clipped / rescued masks are stored there under its
     ``mb_key`` (for the routing profiler). With ``old_from_current`` the old log-probs are this forward's own,
     detached (the on-policy shortcut: one optimizer step on a batch from the current weights).
+    A :class:`HeadLoss`: with ``bundle.fused_logprobs`` it takes the hidden states, not logits.
     """
-    from nsr_megatron.losses import policy_loss, vocab_parallel_logprobs_entropy
+    from nsr_megatron.losses import policy_loss
 
     group = _tp_group()
 
-    def fn(logits: torch.Tensor, batch: MicroBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def fn(output: torch.Tensor | HeadInput, batch: MicroBatch) -> LossResult:
         masks: dict[str, torch.Tensor] | None = {} if masks_out is not None else None
-        lp, entropy = vocab_parallel_logprobs_entropy(  # [B, T] each
-            logits[:, :-1], batch["targets"], group=group, temperature=temperature
-        )
+        lp, entropy = _next_token_logprobs(output, batch["targets"], group=group, temperature=temperature)  # [B, T]
         old = lp.detach() if old_from_current else batch["old_logprobs"]
         loss, sums = policy_loss(
             loss_cfg,
@@ -278,7 +324,7 @@ def policy_loss_fn(
         bad = (nonfinite & (batch["mask"] > 0)).sum().double()
         return loss * scale, {**sums, "loss_sum": loss.detach().double(), "nonfinite_sum": bad}
 
-    return fn
+    return HeadLoss(fn)
 
 
 def data_parallel_group() -> Any:
