@@ -14,6 +14,11 @@ Parts (each one's result, or its error, goes into the JSON; one failing part doe
    milliseconds and peak memory.
 6. ``engine``: the embedded rollout engine on CUDA (static and dynamic KV cache) against ``transformers``'
    ``generate``: tokens/s.
+7. ``memory``: the planner against the GPU. Qwen3-30B-A3B's real widths (hidden 2048, 128 experts of 768, top-8,
+   vocabulary 151,936) with as few layers as one GPU holds (2), bf16, one training step per variant in a fresh
+   process: measured peak (``torch.cuda.max_memory_allocated``) against the plan's training peak with optimizer
+   offload off and on, and with the fused log-probs off and on; the bytes ``rollout.offload_train`` frees; and the
+   fused log-prob op against the logits op at 8192 tokens x 151,936 (peak memory, milliseconds).
 
 Usage (what ``bench/gpu_check.sh`` runs): ``python bench/gpu_check.py --out results.json``.
 ``--dry-run`` runs every part at toy sizes on the CPU (a check of the script itself, not a measurement).
@@ -289,9 +294,154 @@ def part_engine(small: bool) -> dict[str, Any]:
     return result
 
 
+# Qwen3-30B-A3B's widths with 2 of its 48 layers (1.9B parameters: the embedding and output layer are most of the rest).
+QWEN3_30B_2L = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936,
+                    hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=2,
+                    num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+                    num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                    rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=40960,
+                    tie_word_embeddings=False, hidden_act="silu", attention_bias=False)
+
+
+def _memory_worker(hf_dir: str, out: str, tokens: int, offload: bool, fused: bool) -> None:
+    """One bf16 training step (two micro-batches) of the model in ``hf_dir`` at world size 1: the device's peak
+    allocated bytes from before the model is built, and what train-state offload frees after the step."""
+    import torch
+
+    from nsr_megatron import parallel
+    from nsr_megatron.config import ModelConfig, OptimizerConfig, ParallelConfig, read_hf_config
+    from nsr_megatron.host_offload import HostOffload
+    from nsr_megatron.models.hf_config import arch_from_hf
+    from nsr_megatron.models.state import train_state_tensors
+    from nsr_megatron.trainer import actor
+
+    arch = arch_from_hf(read_hf_config(hf_dir))
+    state = parallel.initialize(ParallelConfig(), seed=1)
+    cuda = state.device.type == "cuda"
+    dtype = "bf16" if cuda else "fp32"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if cuda else 0
+    from nsr_megatron.models.provider import build_model
+
+    policy = build_model(arch, model=ModelConfig(hf_path=hf_dir, params_dtype=dtype, fused_logprobs=fused,
+                                                 transformer_impl="local"),
+                         parallel=ParallelConfig(), optimizer=OptimizerConfig(lr=1e-5, cpu_offload=offload))
+    g = torch.Generator().manual_seed(0)
+    micro = []
+    for _ in range(2):
+        t = torch.randint(0, arch.vocab_size, (1, tokens), generator=g)
+        micro.append({"tokens": t, "targets": t[:, 1:].clone()})
+
+    def loss(output: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        lp, _ = actor._next_token_logprobs(output, batch["targets"].to(state.device), group=None, temperature=1.0)
+        return -lp.mean(), {}
+
+    _, grad_norm = actor.train_step(policy, micro, actor.HeadLoss(loss), lr=1e-5)
+    result: dict[str, Any] = {"grad_norm": grad_norm, "device": str(state.device)}
+    if cuda:
+        torch.cuda.synchronize()
+        result["peak_bytes"] = torch.cuda.max_memory_allocated() - base
+        before = torch.cuda.memory_allocated()
+        off = HostOffload(state.device)
+        result["offload_train_freed_bytes"] = off.offload(train_state_tensors(policy.module, policy.optimizer))
+        result["allocated_after_offload_bytes"] = torch.cuda.memory_allocated() - base
+        result["allocated_before_offload_bytes"] = before - base
+        off.onload()
+    parallel.destroy()
+    Path(out).write_text(json.dumps(result), encoding="utf-8")
+
+
+def part_memory(small: bool) -> dict[str, Any]:
+    import torch
+
+    from nsr_megatron.config import read_hf_config
+    from nsr_megatron.models.hf_config import arch_from_hf
+    from nsr_megatron.models.memory import Layout, MemoryOptions, plan_memory
+
+    cfg = dict(QWEN3_30B_2L)
+    tokens = 8192
+    if small:
+        cfg.update(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2)
+        tokens = 64
+    result: dict[str, Any] = {"config": {k: cfg[k] for k in ("hidden_size", "num_experts", "num_hidden_layers",
+                                                             "vocab_size")}, "tokens_per_micro_batch": tokens}
+    with tempfile.TemporaryDirectory() as d:
+        Path(d, "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+        arch = arch_from_hf(read_hf_config(d))
+        for offload in (False, True):
+            for fused in (False, True):
+                name = f"offload_{'on' if offload else 'off'}_fused_{'on' if fused else 'off'}"
+                out = Path(d) / f"{name}.json"
+                code = (f"from bench.gpu_check import _memory_worker; "
+                        f"_memory_worker({d!r}, {str(out)!r}, {tokens}, {offload}, {fused})")
+                proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                                      timeout=900)
+                if proc.returncode != 0:
+                    result[name] = {"error": f"exit {proc.returncode}: {(proc.stdout + proc.stderr)[-2000:]}"}
+                    continue
+                got = json.loads(out.read_text(encoding="utf-8"))
+                plan = plan_memory(arch, Layout(world=1), params_dtype="bf16" if torch.cuda.is_available() else "fp32",
+                                   micro_batch_tokens=tokens, te=False,
+                                   options=MemoryOptions(optimizer_offload=1.0 if offload else 0.0,
+                                                         fused_logprobs=fused))
+                got["planned_training_peak_bytes"] = plan.training_peak
+                got["planned_resident_bytes"] = plan.resident
+                if "peak_bytes" in got:
+                    got["measured_over_planned"] = got["peak_bytes"] / plan.training_peak
+                    got["freed_over_planned_resident"] = got["offload_train_freed_bytes"] / plan.resident
+                result[name] = got
+    result["fused_op"] = _fused_op_compare(small)
+    return result
+
+
+def _fused_op_compare(small: bool) -> dict[str, Any]:
+    """The fused log-prob op (hidden states and output weight in) against the logits GEMM + the logits op, forward
+    and backward, at 8192 tokens x 151,936 (bf16 on CUDA): peak extra memory and milliseconds."""
+    import torch
+
+    from nsr_megatron.losses import fused_logprobs_entropy, vocab_parallel_logprobs_entropy
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokens, vocab, hidden = (8192, 151936, 2048) if not small else (64, 1000, 32)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+    h = (torch.randn(tokens, hidden, device=device, dtype=dtype, generator=g) * 0.5).requires_grad_(True)
+    w = (torch.randn(vocab, hidden, device=device, dtype=dtype, generator=g) * 0.05).requires_grad_(True)
+    targets = torch.randint(0, vocab, (tokens,), device=device, generator=g)
+
+    def old() -> None:
+        lp, ent = vocab_parallel_logprobs_entropy(h @ w.T, targets)
+        (lp.sum() + ent.sum()).backward()
+        h.grad = w.grad = None
+
+    def fused() -> None:
+        lp, ent = fused_logprobs_entropy(h, w, targets)
+        (lp.sum() + ent.sum()).backward()
+        h.grad = w.grad = None
+
+    result: dict[str, Any] = {"shape": [tokens, vocab, hidden], "dtype": str(dtype)}
+    for name, fn in (("old", old), ("fused", fused)):
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        result[f"{name}_ms"] = _timed(fn, repeats=3 if small else 10) * 1e3
+        if device == "cuda":
+            result[f"{name}_peak_extra_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+    result["time_ratio"] = result["fused_ms"] / result["old_ms"]
+    if device == "cuda":
+        result["memory_ratio"] = result["fused_peak_extra_gib"] / result["old_peak_extra_gib"]
+    with torch.no_grad():
+        a, _ = fused_logprobs_entropy(h, w, targets)
+        b, _ = vocab_parallel_logprobs_entropy(h @ w.T, targets)
+        result["max_abs_diff_logprob"] = float((a - b).abs().max())
+    return result
+
+
 PARTS: dict[str, Callable[[bool], dict[str, Any]]] = {
     "env": part_env, "layouts": part_layouts, "rl": part_rl, "train": part_train, "logprob_op": part_logprob_op,
-    "engine": part_engine}
+    "engine": part_engine, "memory": part_memory}
 
 
 def main() -> int:

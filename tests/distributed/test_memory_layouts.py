@@ -117,3 +117,107 @@ def test_the_plan_matches_the_model(hf_dir: Path, tmp_path: Path, layout: dict[s
     planned = plan.parts["activations"] + plan.parts.get("logits", 0.0)
     print(f"activations: planned {planned:.0f} B, measured {mine['activations']} B, ratio {planned / mine['activations']:.3f}")
     assert planned == pytest.approx(mine["activations"], rel=0.2), (planned, measured)
+
+
+def _storages(tensors: Any) -> dict[int, int]:
+    return {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors if isinstance(t, torch.Tensor)}
+
+
+def _optimizer_bytes(optimizer: Any, model_storages: set[int]) -> tuple[int, int]:
+    """(device, host) bytes of the optimizer's own tensors: Adam's state and master / host copies of the weights
+    (storages of the model's parameters and buffers excluded). With megatron's hybrid-device optimizer its CPU
+    sub-optimizers are the host share (on this CPU machine the "device" is the CPU too)."""
+    from megatron.core.optimizer.cpu_offloading.hybrid_optimizer import HybridDeviceOptimizer
+
+    device: dict[int, int] = {}
+    host: dict[int, int] = {}
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        parts = ([(inner.gpu_optimizer, device)] if inner.gpu_optimizer is not None else []) + [
+            (cpu, host) for cpu in inner.cpu_optimizers] if isinstance(inner, HybridDeviceOptimizer) else [(inner, device)]
+        for sub, where in parts:
+            tensors = [p for g in sub.param_groups for p in g["params"]]
+            tensors += [v for st in sub.state.values() for k, v in st.items() if k != "step"]
+            where.update({k: v for k, v in _storages(tensors).items() if k not in model_storages})
+    return sum(device.values()), sum(host.values())
+
+
+def _options_worker(rank: int, world: int, init: str, hf_dir: str, out: str, opts: dict[str, Any]) -> None:
+    from nsr_megatron import parallel
+    from nsr_megatron.config import ModelConfig, OptimizerConfig, ParallelConfig, read_hf_config
+    from nsr_megatron.host_offload import HostOffload
+    from nsr_megatron.models.hf_config import arch_from_hf
+    from nsr_megatron.models.provider import build_model
+    from nsr_megatron.models.state import train_state_tensors
+    from nsr_megatron.trainer import actor
+
+    arch = arch_from_hf(read_hf_config(hf_dir))
+    parallel.initialize(ParallelConfig(), seed=3, rank=rank, world_size=world, init_method=init)
+    policy = build_model(arch, model=ModelConfig(hf_path=hf_dir, fused_logprobs=opts["fused"]), parallel=ParallelConfig(),
+                         optimizer=OptimizerConfig(lr=1e-4, cpu_offload=opts["offload"] > 0,
+                                                   offload_fraction=opts["offload"] or 1.0,
+                                                   precision_aware=opts["aware"]))
+    ddp = policy.module
+    buffers = list(getattr(ddp, "buffers", [])) + list(getattr(ddp, "expert_parallel_buffers", []))
+    params = sum(p.numel() * p.element_size() for p in ddp.module.parameters())
+    grads = sum(b.grad_data.numel() * b.grad_data.element_size() for b in buffers)
+    model_storages = set(_storages([*ddp.parameters(), *(b.grad_data for b in buffers)]))
+    meter: dict[str, Any] = {"params": {p.untyped_storage().data_ptr() for p in ddp.parameters()}, "alive": {},
+                             "now": 0, "peak": 0}
+    g = torch.Generator().manual_seed(5)
+    micro = []
+    for _ in range(MICRO):
+        tokens = torch.randint(0, arch.vocab_size, (SEQS, S), generator=g)
+        micro.append({"tokens": tokens, "targets": tokens[:, 1:].clone()})
+
+    def loss(output: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        lp, _ = actor._next_token_logprobs(output, batch["targets"], group=None, temperature=1.0)
+        return -lp.mean(), {}
+
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: _Held(t, meter), lambda held: held.t):
+        _, grad_norm = actor.train_step(policy, micro, actor.HeadLoss(loss), lr=1e-4)
+    assert grad_norm is not None
+    opt_device, opt_host = _optimizer_bytes(policy.optimizer, model_storages)
+    off = HostOffload("cpu")
+    off.offload(train_state_tensors(ddp, policy.optimizer))
+    left = sum(_storages(train_state_tensors(ddp, policy.optimizer)).values())  # what stays while engines generate
+    off.onload()
+    with open(os.path.join(out, "rank0.json"), "w", encoding="utf-8") as f:
+        json.dump({"parameters": params, "gradients": grads, "activations": meter["peak"], "optimizer": opt_device,
+                   "host_optimizer": opt_host, "left_while_generating": left}, f)
+    parallel.destroy()
+
+
+@pytest.mark.parametrize("opts", [
+    {"offload": 0.0, "aware": False, "fused": False},
+    {"offload": 1.0, "aware": False, "fused": False},
+    {"offload": 0.5, "aware": False, "fused": True},
+    {"offload": 1.0, "aware": True, "fused": True},
+], ids=["all-off", "cpu-offload", "half-offload-fused", "offload-precision-aware-fused"])
+def test_the_memory_options_match_the_plan(hf_dir: Path, tmp_path: Path, opts: dict[str, Any]) -> None:
+    """Each memory option on and off: the optimizer's device and host bytes as planned, the training peak (weights,
+    gradients, device optimizer state and what autograd keeps) within 10% of the plan's, and the train state that
+    stays on the device while the engines generate (rollout.offload_train) as planned: nothing."""
+    from nsr_megatron.config import read_hf_config
+    from nsr_megatron.models.hf_config import arch_from_hf
+    from nsr_megatron.models.memory import Layout, MemoryOptions, plan_memory
+
+    run_workers(_options_worker, 1, str(hf_dir), str(tmp_path), opts)
+    got = json.loads((tmp_path / "rank0.json").read_text())
+    arch = arch_from_hf(read_hf_config(hf_dir))
+    plans = {train_offload: plan_memory(arch, Layout(world=1), params_dtype="fp32", micro_batch_tokens=SEQS * S,
+                                        te=False, colocated_fraction=0.1, gpu_bytes=1e9,
+                                        options=MemoryOptions(optimizer_offload=opts["offload"],
+                                                              precision_aware=opts["aware"], fused_logprobs=opts["fused"],
+                                                              offload_train=train_offload))
+             for train_offload in (False, True)}
+    plan = plans[True]
+    measured = got["parameters"] + got["gradients"] + got["optimizer"] + got["activations"]
+    print(f"{opts}: planned {plan.training_peak:.0f} B, measured {measured} B, optimizer {plan.parts['optimizer']:.0f}"
+          f" / {got['optimizer']}, host {plan.host_optimizer:.0f} / {got['host_optimizer']}")
+    assert plan.parts["optimizer"] == pytest.approx(got["optimizer"], rel=0.1, abs=4096), (plan.parts, got)
+    assert plan.host_optimizer == pytest.approx(got["host_optimizer"], rel=0.1, abs=4096), (plan.host_optimizer, got)
+    assert plan.training_peak == pytest.approx(measured, rel=0.1), (plan.parts, got)
+    assert got["left_while_generating"] == plan.while_generating - plan.rollout_share == 0
+    assert plans[False].while_generating - plans[False].rollout_share == pytest.approx(
+        got["parameters"] + got["gradients"] + got["optimizer"], rel=0.1)  # without it everything stays

@@ -19,9 +19,13 @@ def test_the_gpu_check_runs_every_part_in_a_dry_run(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     got = json.loads(out.read_text())
     assert got["dry_run"] is True
-    for part in ("env", "layouts", "rl", "train", "logprob_op", "engine"):
+    for part in ("env", "layouts", "rl", "train", "logprob_op", "engine", "memory"):
         assert "error" not in got[part], (part, got[part])
     assert got["layouts"]["world1"]["fp32_ok"] and got["layouts"]["world1"]["bf16_ok"]
     assert got["train"]["tokens_per_s"] > 0 and got["engine"]["embedded_static_tok_s"] > 0
     assert got["logprob_op"]["max_abs_diff_logprob"] < 1e-4
     assert got["rl"]["verdict"].startswith("train: ")
+    memory = got["memory"]
+    for name in ("offload_off_fused_off", "offload_off_fused_on", "offload_on_fused_off", "offload_on_fused_on"):
+        assert "error" not in memory[name] and memory[name]["planned_training_peak_bytes"] > 0, memory[name]
+    assert memory["fused_op"]["max_abs_diff_logprob"] < 1e-4
