@@ -273,5 +273,9 @@ def test_memory_options_that_cannot_act_are_refused(model: Path, data: Path, tmp
     for fraction in ("1.5", "-0.1"):
         message = refused(capsys, *base(model, data, run, f"optimizer.offload_fraction={fraction}"))
         assert f"optimizer.offload_fraction={float(fraction)}" in message and "[0, 1]" in message
-    # the embedded engine releases its memory: accepted
+    message = refused(capsys, *base(model, data, run, "optimizer.precision_aware=true"))  # no TE, no offload
+    assert "optimizer.precision_aware=true" in message and "optimizer.cpu_offload=true" in message
+    # the embedded engine releases its memory, and the hybrid optimizer takes the precision-aware path: accepted
     assert main(["validate", *base(model, data, run, "rollout.offload_train=true")]) == 0
+    assert main(["validate", *base(model, data, run, "optimizer.precision_aware=true",
+                                   "optimizer.cpu_offload=true")]) == 0
