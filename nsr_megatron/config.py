@@ -84,7 +84,7 @@ class ModelConfig:
     # Log-probs and entropy straight from the last hidden states and the (vocab-parallel) output weight, in chunks
     # of tokens: no [tokens, vocab / TP] logits tensor of a whole micro-batch exists (the backward recomputes each
     # chunk). false: the model's logits and the logits op (kept for comparison).
-    fused_logprobs: bool = False
+    fused_logprobs: bool = True
 
     def __post_init__(self) -> None:
         _require(
