@@ -220,6 +220,21 @@ def part_train(small: bool) -> dict[str, Any]:
     return result
 
 
+def _time_and_peak(result: dict[str, Any], variants: dict[str, Callable[[], None]], small: bool) -> None:
+    """``<name>_ms`` (median) and, on CUDA, ``<name>_peak_extra_gib`` (peak allocated above the start) of each
+    variant, into ``result``."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    for name, fn in variants.items():
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        result[f"{name}_ms"] = _timed(fn, repeats=3 if small else 10) * 1e3
+        if cuda:
+            result[f"{name}_peak_extra_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
 def part_logprob_op(small: bool) -> dict[str, Any]:
     import torch
 
@@ -245,13 +260,7 @@ def part_logprob_op(small: bool) -> dict[str, Any]:
         logits.grad = None
 
     result: dict[str, Any] = {"shape": [tokens, vocab], "dtype": str(dtype)}
-    for name, fn in (("ours", ours), ("log_softmax_gather", plain)):
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        result[f"{name}_ms"] = _timed(fn, repeats=3 if small else 10) * 1e3
-        if device == "cuda":
-            result[f"{name}_peak_extra_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+    _time_and_peak(result, {"ours": ours, "log_softmax_gather": plain}, small)
     with torch.no_grad():  # the two agree
         lp, ent = vocab_parallel_logprobs_entropy(logits, targets)
         logp = torch.log_softmax(logits.float(), dim=-1)
@@ -422,13 +431,7 @@ def _fused_op_compare(small: bool) -> dict[str, Any]:
         h.grad = w.grad = None
 
     result: dict[str, Any] = {"shape": [tokens, vocab, hidden], "dtype": str(dtype)}
-    for name, fn in (("old", old), ("fused", fused)):
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        result[f"{name}_ms"] = _timed(fn, repeats=3 if small else 10) * 1e3
-        if device == "cuda":
-            result[f"{name}_peak_extra_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+    _time_and_peak(result, {"old": old, "fused": fused}, small)
     result["time_ratio"] = result["fused_ms"] / result["old_ms"]
     if device == "cuda":
         result["memory_ratio"] = result["fused_peak_extra_gib"] / result["old_peak_extra_gib"]
