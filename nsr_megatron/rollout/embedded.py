@@ -474,13 +474,13 @@ class EmbeddedEngine:
     def flush_cache(self) -> None:
         """No-op: the engine keeps no KV or prefix cache between ``generate`` calls (each call builds its own)."""
 
-    def release_memory(self) -> None:
+    def release_memory(self, tags: list[str] | None = None) -> None:
         """Free the model's weights on its device (their values move to host memory) while the trainer trains on
         the same device (``rollout.offload_train``); the KV cache lives only inside ``generate``. Not with shared-
         memory weights (``share_weights``), whose memory other processes map."""
         from nsr_megatron.host_offload import HostOffload
 
-        if self._shared is not None or self._released is not None:
+        if self._shared is not None or self._released is not None or (tags is not None and "weights" not in tags):
             return
         for p in self.model.parameters():  # weights still mapped from their safetensors file get memory of their own
             if not p.untyped_storage().resizable():

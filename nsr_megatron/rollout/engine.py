@@ -150,9 +150,10 @@ class RolloutEngine(Protocol):
         """Drop any cached KV / prefix state (call after a weight update if the engine keeps one)."""
         ...
 
-    def release_memory(self) -> None:
-        """Free the engine's device memory (weights and KV cache) while the trainer uses the devices it shares
-        with the engine; the weights' values are kept (in host memory)."""
+    def release_memory(self, tags: list[str] | None = None) -> None:
+        """Free the engine's device memory while the trainer uses the devices it shares with the engine: ``tags``
+        (``weights``, ``kv_cache``) or all of it (None). Released weights come back with ``resume_memory``
+        before a weight update refills them."""
         ...
 
     def resume_memory(self, tags: list[str]) -> None:

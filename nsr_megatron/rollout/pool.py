@@ -211,11 +211,12 @@ class EnginePool:
         for client in self.clients:
             client.flush_cache()
 
-    def release_memory(self) -> None:
-        """Colocated engines give their GPU memory (weights and KV cache) back to training."""
+    def release_memory(self, tags: list[str] | None = None) -> None:
+        """Colocated engines give their GPU memory back to training: ``tags`` (``weights``, ``kv_cache``), or all
+        of it (None)."""
         for client in self.clients:
-            client.release_memory(None)
-        self._released = {"weights", "kv_cache"}
+            client.release_memory(tags)
+        self._released |= set(tags if tags is not None else ("weights", "kv_cache"))
 
     def resume_memory(self, tags: list[str]) -> None:
         """Colocated engines take released memory back: ``["weights"]`` before a weight update, ``["kv_cache"]``

@@ -62,7 +62,7 @@ def train(config: Any, *, world_size: int = 1, progress: bool | None = None, ann
             metrics = {"step": step + 1, **rl_step(rt, step, phases)}
             if cfg_eval.interval and (step + 1) % cfg_eval.interval == 0:
                 began = time.perf_counter()
-                with phases("eval"), engines_generating(rt, phases):
+                with phases("eval"), engines_generating(rt, phases, release=["kv_cache"]):
                     metrics.update(evaluate_in_loop(rt, step + 1))
                 metrics["timing/eval"] = time.perf_counter() - began
             if writer is not None:
@@ -544,11 +544,13 @@ def _sync_shared(rt: Runtime, version: int) -> None:
 
 
 @contextlib.contextmanager
-def engines_generating(rt: Runtime, phases: PhaseTimer) -> Iterator[None]:
+def engines_generating(rt: Runtime, phases: PhaseTimer, release: list[str] | None = None) -> Iterator[None]:
     """The engines generate inside this block (every rank enters it).
 
-    Engines that share the training devices (``rt.colocated``) take their KV cache back on entry and release all
-    their memory on exit, so training has the devices to itself until the next weight sync. With
+    Engines that share the training devices (``rt.colocated``) take their KV cache back on entry and release
+    ``release`` on exit (None: all their memory, before training; the weights come back for the next weight sync;
+    an evaluation after the sync keeps the weights and releases the KV cache), so training has the devices to
+    itself. With
     ``rollout.offload_train`` the training state (policy parameters, gradient buffers, optimizer state, the
     reference) waits in host memory meanwhile: every rank has freed it before any engine grows, and takes it
     back, bit for bit, only after every engine has shrunk."""
@@ -565,7 +567,7 @@ def engines_generating(rt: Runtime, phases: PhaseTimer) -> Iterator[None]:
         done = True
     finally:
         if done and rt.colocated and rt.engine is not None:
-            rt.engine.release_memory()
+            rt.engine.release_memory(release)
         if off is not None:
             if done:
                 _barrier()

@@ -270,3 +270,7 @@ def test_colocated_memory_release_and_resume_requests(pool: EnginePool) -> None:
     pool.resume_memory(["weights", "kv_cache"])
     assert sent == [("release_memory", None)] * 2 + [("resume_memory", ["weights"])] * 2 + \
         [("resume_memory", ["kv_cache"])] * 2
+    sent.clear()
+    pool.release_memory(["kv_cache"])  # an evaluation between rollouts keeps the weights
+    pool.resume_memory(["weights", "kv_cache"])
+    assert sent == [("release_memory", ["kv_cache"])] * 2 + [("resume_memory", ["kv_cache"])] * 2

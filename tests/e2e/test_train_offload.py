@@ -11,7 +11,8 @@ import torch
 from tests.e2e.test_rl_loop import _final_weights, _ok, read_metrics, run_cli
 
 COMMON = ["--no-progress", "run.steps=3", "checkpoint.save_interval=3", "rollout.prompts_per_step=8",
-          "rollout.samples_per_prompt=4", "loss.kl_coef=0.01"]  # KL on: a reference model to offload too
+          "rollout.samples_per_prompt=4", "loss.kl_coef=0.01",  # KL on: a reference model to offload too
+          "eval.interval=1", "eval.data=generate", "eval.k=2", "eval.max_problems=8"]  # evaluation between rollouts
 
 
 def test_offloaded_train_state_is_freed_while_generating_and_changes_no_number(tmp_path: Path) -> None:
@@ -33,7 +34,7 @@ def test_offloaded_train_state_is_freed_while_generating_and_changes_no_number(t
     a, b = read_metrics(runs["true"]), read_metrics(runs["false"])
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
     for ra, rb in zip(a, b, strict=True):
-        assert ra["kl_ref"] > 0 or ra["step"] == 1
+        assert (ra["kl_ref"] > 0 or ra["step"] == 1) and "eval/pass@1" in ra
         for key, value in rb.items():
             if not key.startswith("timing/"):
                 assert ra[key] == value, f"step {rb['step']} {key}: offloaded {ra[key]} vs not {value}"
