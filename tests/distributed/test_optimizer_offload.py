@@ -27,7 +27,6 @@ import pytest
 import torch
 
 from tests.e2e.test_inputs import base, refused
-from tests.helpers import echo_rows, make_tiny_model, write_jsonl
 from tests.spawn import run_workers
 
 OFFLOAD = {"cpu_offload": True}
@@ -176,16 +175,6 @@ def test_offload_and_precision_aware_match_plain_adam_and_resume_across_settings
 
 
 # ------------------------------------------------------------------------------------------------ refusals
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("m") / "hf")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_jsonl(tmp_path_factory.mktemp("d") / "echo.jsonl", echo_rows(40))
-
 
 def test_validate_refuses_what_megatron_asserts_on(model: Path, data: Path, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
