@@ -28,11 +28,14 @@ embeddings). The gradient the fused op returns for the hidden states is this ran
 vocabulary slice; the all-reduce / reduce-scatter above sums it over the group, exactly where the linear's
 backward summed its own.
 
-The weight's gradient is an ordinary autograd ``.grad``: megatron DDP's hook adds it to ``main_grad`` (and clears
-it) as for every parameter. ``gradient_accumulation_fusion`` only changes how the linear itself writes that
-gradient (straight into ``main_grad``, flagged by ``grad_added_to_main_grad``); the linear does not run here, so
-the flag stays as ``zero_grad_buffer`` left it (False) and the ``.grad`` path is taken with or without the fusion
-(:func:`~nsr_megatron.models.hf_config.transformer_config` turns it off anyway; it needs apex's CUDA extension).
+The weight's gradient goes straight into megatron DDP's ``main_grad`` (the trainer passes it to the fused op,
+which adds it slice by slice and returns none): what DDP's hook would have added, without a [V/tp, H] gradient
+tensor. That is safe because the project runs DDP with ``overlap_grad_reduce=False`` (no bucket waits for the
+hook) and the flag ``grad_added_to_main_grad`` is left as ``zero_grad_buffer`` set it (False): with tied
+embeddings the embedding's own ``.grad`` still takes the hook's path into the same ``main_grad``.
+``gradient_accumulation_fusion`` (megatron's fused wgrad into ``main_grad``) plays no part: the linear does not
+run here, and :func:`~nsr_megatron.models.hf_config.transformer_config` turns it off anyway (it needs apex's
+CUDA extension). Without ``main_grad`` (no DDP wrapper) the weight's gradient is an ordinary autograd ``.grad``.
 """
 
 from __future__ import annotations

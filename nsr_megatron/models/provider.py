@@ -455,7 +455,7 @@ def build_model(
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=False,  # the fused log-probs add the output weight's gradient to main_grad directly
         use_distributed_optimizer=parallel.use_distributed_optimizer,
     )
     ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=gpt)

@@ -249,8 +249,12 @@ def _next_token_logprobs(
     from nsr_megatron.losses import fused_logprobs_entropy, vocab_parallel_logprobs_entropy
 
     if isinstance(output, HeadInput):
-        return fused_logprobs_entropy(output.hidden[:, :-1], output.weight, targets, group=group,
-                                      temperature=temperature)
+        # megatron DDP (overlap_grad_reduce off) accumulates in main_grad: the weight's gradient goes there
+        # directly, slice by slice, and no [V/tp, H] gradient tensor is made
+        weight = output.weight
+        main_grad = getattr(weight, "main_grad", None) if weight.requires_grad and torch.is_grad_enabled() else None
+        return fused_logprobs_entropy(output.hidden[:, :-1], weight, targets, group=group,
+                                      temperature=temperature, main_grad=main_grad)
     return vocab_parallel_logprobs_entropy(output[:, :-1], targets, group=group, temperature=temperature)
 
 

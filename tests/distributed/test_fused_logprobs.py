@@ -6,7 +6,8 @@
 (b) a real megatron GPTModel under TP=2 with sequence parallelism (untied and tied embeddings) and under TP=2
     without it (the all-reduce path): ``actor.token_logprobs`` and ``actor.policy_loss_fn`` with
     ``fused_logprobs`` on give the log-probs and the DDP ``main_grad`` buffers of the logits path, at
-    temperature 0.7; a plain loss function still gets logits.
+    temperature 0.7 (the fused op adds the output weight's gradient to ``main_grad`` itself; with tied embeddings
+    the embedding's own gradient still arrives through DDP's hook); a plain loss function still gets logits.
 """
 
 from __future__ import annotations
@@ -114,6 +115,8 @@ def _compare_paths(name: str, hf_dir: str, layout: dict[str, Any]) -> None:
                 gpt = policy.gpt
                 seen.append("embedding" if output.weight is gpt.embedding.word_embeddings.weight else
                             "output_layer" if output.weight is gpt.output_layer.weight else "?")
+                # the weight's gradient goes straight into DDP's accumulator (no [V/tp, H] gradient tensor)
+                assert getattr(output.weight, "main_grad", None) is not None
             else:
                 seen.append(tuple(output.shape))
             return fn(output, batch)

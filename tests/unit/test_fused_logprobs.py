@@ -155,6 +155,33 @@ def test_entropy_is_accurate_for_peaked_distributions() -> None:
     torch.testing.assert_close(lp.double(), logp[[0, 1], [0, 1]], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("chunk", "vchunk"), [(None, None), (7, 13), (N, 16), (5, 1000)])
+def test_main_grad_gets_what_the_returned_gradient_would_add(dtype: torch.dtype, chunk: int | None,
+                                                             vchunk: int | None) -> None:
+    """With ``main_grad`` (megatron DDP's fp32 accumulator) the weight's gradient is added there, bit for bit
+    what DDP's hook adds from the returned gradient, onto what the accumulator held; no gradient is returned."""
+    hidden, weight, targets = _inputs(dtype, seed=9)
+    held = torch.randn(V, H, generator=torch.Generator().manual_seed(10))  # [V, H] earlier micro-batches
+    kw: dict[str, Any] = {"temperature": 0.7, "chunk_size": chunk, "vocab_chunk_size": vchunk}
+    outs = []
+    for direct in (False, True):
+        h = hidden.detach().clone().requires_grad_()
+        w = weight.detach().clone().requires_grad_()
+        main = held.clone()
+        lp, ent = fused_logprobs_entropy(h, w, targets, main_grad=main if direct else None, **kw)
+        (lp.sum() * 0.5 + ent.sum()).backward()
+        if direct:
+            assert w.grad is None
+        else:
+            assert w.grad is not None and w.grad.dtype == dtype
+            main.add_(w.grad)  # megatron DDP's hook: param.main_grad.add_(param.grad.data)
+        outs.append((lp.detach(), ent.detach(), h.grad, main))
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(outs[1][3], held)
+
+
 def test_input_errors() -> None:
     h, w, y = torch.zeros(2, 4), torch.zeros(5, 4), torch.zeros(2, dtype=torch.long)
     with pytest.raises(ValueError, match=r"targets has shape \(3,\); expected the hidden states' leading shape"):
@@ -167,3 +194,5 @@ def test_input_errors() -> None:
         fused_logprobs_entropy(h, w, y, temperature=0.0)
     with pytest.raises(ValueError, match="vocab_chunk_size=0 must be a positive number"):
         fused_logprobs_entropy(h, w, y, vocab_chunk_size=0)
+    with pytest.raises(ValueError, match=r"main_grad has shape \(4, 5\) and weight \(5, 4\)"):
+        fused_logprobs_entropy(h, w, y, main_grad=torch.zeros(4, 5))
