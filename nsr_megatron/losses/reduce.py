@@ -81,7 +81,7 @@ def global_statistics(
 
 
 def summarize_metrics(sums: Mapping[str, Tensor | float]) -> dict[str, float]:
-    """Turn (globally reduced) sums of :func:`.policy.policy_loss` into the LOSSES.md statistics.
+    """Turn (globally reduced) sums of :func:`.policy.policy_loss` into the statistics of docs/LOSSES.md.
 
     Fractions are over the counted tokens (``tokens``), or for ``seq/`` keys over sequences (``seqs``; a
     sequence counts its fraction of tokens that are clipped / rescued, which is 0 or 1 for GSPO with one
@@ -91,6 +91,9 @@ def summarize_metrics(sums: Mapping[str, Tensor | float]) -> dict[str, float]:
     average; also reported without rescue). With ``rescue='decay'`` the rescue counts are expectations
     (sums of ``p``). ``ratio_hist/<side>/<e>`` is the fraction of tokens whose distance
     past that boundary, in units of eps, lies in ``[e, next edge)`` (the last bin is open).
+    ``mis/zeroed_frac`` (``mis_mode='zero'``, IcePop) is over the counted tokens, which include the zeroed ones;
+    ``sapo/grad_weight_mean`` is SAPO's mean gradient weight ``4 s (1 - s)`` (1 = unclipped); ``cov/band_frac``
+    and ``cov/selected_frac`` are Clip-Cov's candidates and the tokens Clip-Cov / KL-Cov chose.
     """
     s = {k: float(v) for k, v in sums.items()}
     tokens, seqs = s.get("tokens", 0.0), s.get("seqs", 0.0)
@@ -117,6 +120,10 @@ def summarize_metrics(sums: Mapping[str, Tensor | float]) -> dict[str, float]:
         "kl_ref_sum": "kl_ref",
         "tis/weight_sum": "tis/weight_mean",
         "tis/capped_sum": "tis/clip_frac",
+        "mis/zeroed_sum": "mis/zeroed_frac",
+        "sapo/grad_weight_sum": "sapo/grad_weight_mean",
+        "cov/band_sum": "cov/band_frac",
+        "cov/selected_sum": "cov/selected_frac",
     }
     seq_names = {
         "seq/clip/upper_sum": "seq/clip_frac/upper",

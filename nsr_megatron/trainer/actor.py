@@ -288,7 +288,7 @@ def policy_loss_fn(
 
     megatron's schedule divides each micro-batch loss by the number of micro-batches and DDP averages
     gradients over data-parallel ranks; ``scale`` (= micro-batches x data-parallel size) undoes both, so
-    the gradient is exactly that of the global loss (LOSSES.md, "Aggregation and normalisation").
+    the gradient is exactly that of the global loss (docs/LOSSES.md, "Aggregation and normalisation").
     With ``masks_out``, each micro-batch's per-token band / clipped / rescued masks are stored there under its
     ``mb_key`` (for the routing profiler). With ``old_from_current`` the old log-probs are this forward's own,
     detached (the on-policy shortcut: one optimizer step on a batch from the current weights).

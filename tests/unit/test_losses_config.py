@@ -81,8 +81,8 @@ def test_unknown_name_lists_valid_names() -> None:
     with pytest.raises(ValueError) as err:
         PolicyLossConfig(name="ppo2")
     assert str(err.value) == (
-        "PolicyLossConfig.name='ppo2' is not a known loss; valid names: cispo, dapo, grpo, gspo, gspo-token, "
-        "nsr, nsr-decay, nsr-gspo, nsr-gspo-decay, nsr-widen."
+        "PolicyLossConfig.name='ppo2' is not a known loss; valid names: cispo, clip-cov, dapo, grpo, gspo, "
+        "gspo-token, icepop, kl-cov, nsr, nsr-decay, nsr-gspo, nsr-gspo-decay, nsr-widen, sapo."
     )
 
 

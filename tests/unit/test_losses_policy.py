@@ -1,4 +1,4 @@
-"""Every preset pinned to hand-computed values (LOSSES.md formulas written out in the comments).
+"""Every preset pinned to hand-computed values (docs/LOSSES.md formulas written out in the comments).
 
 Inputs are built from ratios: old log-prob 0 and log-prob log(r), so r is exact; computed in float64.
 Gradients are d loss / d logprob.
