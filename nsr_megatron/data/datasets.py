@@ -36,10 +36,93 @@ _SUFFIX_FORMATS: dict[str, str] = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parq
 
 
 @dataclass(kw_only=True)
+class ReasoningGymConfig:
+    """Prompts drawn from reasoning-gym's procedural tasks (``data.source=reasoning_gym``), generated when the run
+    starts (``nsr_megatron.data.reasoning_gym``); score them with ``reward.name=reasoning_gym``.
+
+    Each item's task is drawn with probability proportional to its weight; the items of one task are that task's
+    generator's items ``0, 1, ...`` at a seed derived from ``(seed, task)``, so the set is a pure function of these
+    fields. The training set uses ``size`` / ``seed``; the held-out set (``eval.data=reasoning_gym``, and the check
+    that no held-out question is a training question) ``eval_size`` / ``eval_seed``.
+
+    Attributes:
+        tasks: reasoning-gym task names, e.g. ``[chain_sum, basic_arithmetic]`` (a single name is a list of one);
+            ``python -m nsr_megatron.data.reasoning_gym --list`` lists them.
+        weights: task -> relative weight in the mixture; a task not named here weighs 1.0.
+        configs: task -> its generator's settings, the keyword arguments of ``reasoning_gym.create_dataset`` (the
+            fields of the task's config dataclass), e.g. ``{chain_sum: {min_terms: 2, max_terms: 3}}``. ``seed``
+            and ``size`` are set from this section, not here.
+        size: number of training items.
+        seed: seed of the training items.
+        eval_size: number of held-out items.
+        eval_seed: seed of the held-out items; it must differ from ``seed``.
+    """
+
+    tasks: list[str] = field(default_factory=list)
+    weights: dict[str, float] = field(default_factory=dict)
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    size: int = 1000
+    seed: int = 0
+    eval_size: int = 100
+    eval_seed: int = 1
+
+    def __post_init__(self) -> None:
+        where = "data.reasoning_gym"
+        if isinstance(self.tasks, str):
+            self.tasks = [self.tasks]
+        if not isinstance(self.tasks, list) or not all(isinstance(t, str) and t for t in self.tasks):
+            raise ValueError(f"{where}.tasks={self.tasks!r} must be a list of reasoning-gym task names, "
+                             f"e.g. [chain_sum, basic_arithmetic].")
+        repeated = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
+        if repeated:
+            raise ValueError(f"{where}.tasks names {repeated} more than once; give each task once and set its "
+                             f"share with {where}.weights.")
+        for name, table in (("weights", self.weights), ("configs", self.configs)):
+            if not isinstance(table, dict):
+                raise ValueError(f"{where}.{name}={table!r} must be a mapping task -> value, e.g. "
+                                 f"{{chain_sum: {'2.0' if name == 'weights' else '{max_terms: 3}'}}}.")
+            stray = sorted(set(table) - set(self.tasks))
+            if stray:
+                raise ValueError(f"{where}.{name} names {stray}, which {'is' if len(stray) == 1 else 'are'} not in "
+                                 f"{where}.tasks={self.tasks}; add it to the tasks or remove it from {name}.")
+        for task, weight in self.weights.items():
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+                raise ValueError(f"{where}.weights.{task}={weight!r} must be a number >= 0.")
+        if self.tasks and not sum(self.task_weights().values()) > 0:
+            raise ValueError(f"{where}.weights={self.weights} leaves every task at weight 0; give one a positive "
+                             f"weight.")
+        for task, settings in self.configs.items():
+            if not isinstance(settings, dict):
+                raise ValueError(f"{where}.configs.{task}={settings!r} must be a mapping of the task's generator "
+                                 f"settings, e.g. {{max_terms: 3}}.")
+            for key in ("seed", "size"):
+                if key in settings:
+                    raise ValueError(f"{where}.configs.{task}.{key} is set by this section: use {where}.{key} "
+                                     f"(training) and {where}.eval_{key} (held out) instead.")
+        for name in ("size", "eval_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{where}.{name}={value!r} must be an integer >= 1.")
+        if self.seed == self.eval_seed:
+            raise ValueError(f"{where}.seed and {where}.eval_seed are both {self.seed}: the held-out items would be "
+                             f"the training items. Set {where}.eval_seed to another value, e.g. {self.seed + 1}.")
+
+    def task_weights(self) -> dict[str, float]:
+        """Every task with its weight (1.0 where ``weights`` does not name it), in ``tasks`` order."""
+        return {task: float(self.weights.get(task, 1.0)) for task in self.tasks}
+
+
+SOURCES: tuple[str, ...] = ("file", "reasoning_gym")
+
+
+@dataclass(kw_only=True)
 class DataConfig:
     """Where the prompts live and how to read them.
 
     Attributes:
+        source: ``file`` (the prompts of ``path``) or ``reasoning_gym`` (generated from reasoning-gym's tasks as the
+            ``reasoning_gym`` section says; ``path``, ``format``, ``prompt_key``, ``answer_key`` and
+            ``skip_invalid`` are then not used). Templates, system prompt and chat template apply to both.
         path: a ``.jsonl`` / ``.parquet`` file (required before loading; empty only as a config default).
         format: ``auto`` (from the suffix: .jsonl/.ndjson or .parquet/.pq), ``jsonl`` or ``parquet``.
         prompt_key: dotted key path of the prompt (string or list of ``{"role", "content"}`` messages).
@@ -51,13 +134,21 @@ class DataConfig:
         max_prompt_tokens: skip (and count) prompts longer than this many tokens after the chat template
             (None: keep all; the trainer then refuses a prompt that leaves no room for the response).
         shuffle: shuffle each epoch (``EpochSampler``).
-        seed: shuffling seed.
+        seed: seed of generated prompt sets (the quickstart's synthetic tasks); with ``run.seed`` it also keys the
+            shuffle order when ``shuffle_seed`` is unset.
+        shuffle_seed: the shuffle order's seed. None (default): derived from ``run.seed`` and ``seed`` when the run's
+            config is loaded (``nsr_megatron.config.Config``), so runs of different seeds see the prompts in
+            different orders; set it to keep one order across seeds (e.g. an A/A pair that varies only the draws).
         template: wrap a string prompt (a benchmark's bare ``problem``) in a math instruction, as the paper's
             baselines prompt: ``qwen-math`` (Qwen2.5-Math's system message "Please reason step by step, and put
             your final answer within \\boxed{}."), ``dapo`` (DAPO's step-by-step instruction around the problem,
-            with the last line ``Answer: \\boxed{...}``, so the ``math`` reward reads it), or ``""`` (as it is).
+            with the last line ``Answer: \\boxed{...}``, so the ``math`` reward reads it), ``answer-tag`` (a
+            system message asking for step-by-step reasoning and the final answer in ``<answer>...</answer>``, the
+            format the ``reasoning_gym`` reward reads first), or ``""`` (as it is).
+        reasoning_gym: the tasks, weights, generator settings, sizes and seeds of ``source=reasoning_gym``.
     """
 
+    source: Literal["file", "reasoning_gym"] = "file"
     path: str = ""
     format: Literal["auto", "jsonl", "parquet"] = "auto"
     prompt_key: str = "prompt"
@@ -69,14 +160,25 @@ class DataConfig:
     max_prompt_tokens: int | None = None
     shuffle: bool = True
     seed: int = 0
+    shuffle_seed: int | None = None
     template: str = ""
+    reasoning_gym: ReasoningGymConfig = field(default_factory=ReasoningGymConfig)
 
     def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"DataConfig.source={self.source!r} is not one of {SOURCES}.")
         if self.template not in PROMPT_TEMPLATES:
             raise ValueError(f"DataConfig.template={self.template!r} is not one of {sorted(PROMPT_TEMPLATES)}.")
         if self.format not in FORMATS:
             raise ValueError(f"DataConfig.format={self.format!r} is not one of {FORMATS}.")
-        if self.path:
+        if self.source == "reasoning_gym":
+            if not self.reasoning_gym.tasks:
+                raise ValueError("data.source=reasoning_gym needs data.reasoning_gym.tasks, e.g. [chain_sum] "
+                                 "(python -m nsr_megatron.data.reasoning_gym --list lists the tasks).")
+            if self.path:
+                raise ValueError(f"data.path={self.path!r} and data.source=reasoning_gym both say where the prompts "
+                                 f"come from; drop data.path (the prompts are generated) or set data.source=file.")
+        elif self.path:
             self.resolved_format  # noqa: B018 - raises if the format cannot be inferred from the suffix
         for name in ("prompt_key", "answer_key"):
             key = getattr(self, name)
@@ -168,8 +270,10 @@ QWEN_MATH_SYSTEM = "Please reason step by step, and put your final answer within
 DAPO_INSTRUCTION = ("Solve the following math problem step by step. The last line of your response should be of the "
                     "form Answer: \\boxed{{$Answer}} where $Answer is the answer to the problem.\n\n{problem}\n\n"
                     "Remember to put your answer on its own line after \"Answer:\".")
+ANSWER_TAG_SYSTEM = ("Think the problem through step by step. Then give only the final answer, between <answer> and "
+                     "</answer> tags, e.g. <answer>42</answer>.")
 PROMPT_TEMPLATES = {"": "as it is", "qwen-math": "Qwen2.5-Math's system message",
-                    "dapo": "DAPO's instruction, boxed answer"}
+                    "dapo": "DAPO's instruction, boxed answer", "answer-tag": "final answer in <answer> tags"}
 
 
 def apply_template(template: str, problem: str) -> Any:
@@ -178,6 +282,8 @@ def apply_template(template: str, problem: str) -> Any:
         return [{"role": "system", "content": QWEN_MATH_SYSTEM}, {"role": "user", "content": problem}]
     if template == "dapo":
         return DAPO_INSTRUCTION.format(problem=problem)
+    if template == "answer-tag":
+        return [{"role": "system", "content": ANSWER_TAG_SYSTEM}, {"role": "user", "content": problem}]
     return problem
 
 
@@ -240,26 +346,50 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int, Any, str | None]]:
             yield row, record, None
 
 
+def _open_rows(config: DataConfig, split: Literal["train", "eval"]
+               ) -> tuple[str, str, Iterator[tuple[int, Any, str | None]]]:
+    """``(where, unit, rows)`` of the configured source: ``where`` names it in messages, ``unit`` is what a row is
+    called (line, row, item), ``rows`` yields ``(1-based number, record, error)``."""
+    if config.source == "reasoning_gym":
+        from nsr_megatron.data.reasoning_gym import generate_rows  # imports reasoning-gym only when used
+
+        rg = config.reasoning_gym
+        size, seed = (rg.size, rg.seed) if split == "train" else (rg.eval_size, rg.eval_seed)
+        items = generate_rows(rg.task_weights(), rg.configs, size=size, seed=seed)
+        # Keyed by the configured key paths as literal keys (get_key_path looks those up first).
+        rows = ((i, {config.prompt_key: r["prompt"], config.answer_key: r["answer"]}, None)
+                for i, r in enumerate(items, start=1))
+        return f"reasoning-gym {'+'.join(rg.tasks)} (seed {seed})", "item", rows
+    if not config.path:
+        raise ValueError("data.path is empty: set it to a .jsonl or .parquet file of prompts.")
+    path = Path(config.path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.path={config.path!r} does not exist or is not a file; point it at a "
+                                f".jsonl or .parquet file of prompts.")
+    if config.resolved_format == "jsonl":
+        return str(path), "line", _iter_jsonl(path)
+    return str(path), "row", _iter_parquet(path)
+
+
 class PromptDataset:
-    """Prompts + ground truths loaded eagerly from one file, tokenized once when a tokenizer is given.
+    """Prompts + ground truths loaded eagerly from one file (or generated by reasoning-gym), tokenized once when a
+    tokenizer is given.
+
+    ``split`` picks the training or the held-out set of ``data.source=reasoning_gym`` (their own size and seed); a
+    file is what it is.
 
     Attributes:
         records: the valid records in file order.
         skipped: ``(line, reason)`` of each skipped record (only with ``skip_invalid=True``).
         too_long: ``(line, tokens)`` of each prompt skipped for ``max_prompt_tokens``.
+        source: the file, or a description of the generated set, as messages name it.
     """
 
-    def __init__(self, config: DataConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+    def __init__(self, config: DataConfig, tokenizer: PreTrainedTokenizerBase | None = None, *,
+                 split: Literal["train", "eval"] = "train") -> None:
         self.config = config
-        if not config.path:
-            raise ValueError("data.path is empty: set it to a .jsonl or .parquet file of prompts.")
-        path = Path(config.path)
-        if not path.is_file():
-            raise FileNotFoundError(f"data.path={config.path!r} does not exist or is not a file; point it at a "
-                                    f".jsonl or .parquet file of prompts.")
-        fmt = config.resolved_format
-        unit = "line" if fmt == "jsonl" else "row"
-        rows = _iter_jsonl(path) if fmt == "jsonl" else _iter_parquet(path)
+        path, unit, rows = _open_rows(config, split)
+        self.source = path
         if config.apply_chat_template and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
             logger.warning("data.apply_chat_template=true is ignored: the tokenizer has no chat template; "
                            "prompts are joined as plain text.")
@@ -324,7 +454,7 @@ class PromptDataset:
         return PromptRecord(uid=len(self.records), prompt=prompt, messages=messages, answer=answer,
                             source_line=line_no)
 
-    def _tokenize(self, tokenizer: PreTrainedTokenizerBase, path: Path, unit: str) -> None:
+    def _tokenize(self, tokenizer: PreTrainedTokenizerBase, path: str, unit: str) -> None:
         """Tokenize every prompt once (as the rollout sends it: no special tokens added beyond the template),
         drop the ones over ``max_prompt_tokens`` and renumber the rest."""
         if not self.records:

@@ -24,27 +24,43 @@ EOS_TOKEN = "<eos>"
 UNK_TOKEN = "<unk>"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN)
 SYMBOLS: tuple[str, ...] = tuple("0123456789") + ("+", "-", "*", "=", " ")
+# The text variant (``charset="text"``): the synthetic symbols keep their ids, then the rest of printable ASCII and
+# the newline, for tasks whose prompts are English (reasoning-gym's questions): 96 symbols, 100 tokens.
+TEXT_SYMBOLS: tuple[str, ...] = SYMBOLS + tuple(
+    c for c in "".join(chr(i) for i in range(33, 127)) + "\n" if c not in SYMBOLS)
+CHARSETS: dict[str, tuple[str, ...]] = {"synthetic": SYMBOLS, "text": TEXT_SYMBOLS}
 
 # Jinja chat template: no role markers (the vocabulary has no letters), just <bos> + contents.
 CHAT_TEMPLATE = "{{ bos_token }}{% for message in messages %}{{ message['content'] }}{% endfor %}"
 
 
-def synthetic_vocab() -> dict[str, int]:
+def _charset(charset: str) -> tuple[str, ...]:
+    if charset not in CHARSETS:
+        raise ValueError(f"charset={charset!r} is not one of {sorted(CHARSETS)}.")
+    return CHARSETS[charset]
+
+
+def synthetic_vocab(charset: str = "synthetic") -> dict[str, int]:
     """Token -> id map: special tokens first (``<pad>`` = 0, ``<bos>`` = 1, ``<eos>`` = 2, ``<unk>`` = 3)."""
-    return {token: i for i, token in enumerate(SPECIAL_TOKENS + SYMBOLS)}
+    return {token: i for i, token in enumerate(SPECIAL_TOKENS + _charset(charset))}
 
 
-def build_synthetic_tokenizer() -> PreTrainedTokenizerBase:
+def build_synthetic_tokenizer(charset: str = "synthetic") -> PreTrainedTokenizerBase:
     """Build the character-level tokenizer as a ``transformers`` fast tokenizer (with a chat template).
 
+    Args:
+        charset: ``synthetic`` (the 15 symbols of the synthetic tasks) or ``text`` (printable ASCII and the newline,
+            the synthetic symbols' ids unchanged).
+
     Returns:
-        A ``PreTrainedTokenizerFast`` with pad/bos/eos/unk set; ``len(tokenizer) == 19``.
+        A ``PreTrainedTokenizerFast`` with pad/bos/eos/unk set; ``len(tokenizer) == 19`` (``text``: 100).
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    backend = Tokenizer(models.WordLevel(vocab=synthetic_vocab(), unk_token=UNK_TOKEN))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend = Tokenizer(models.WordLevel(vocab=synthetic_vocab(charset), unk_token=UNK_TOKEN))
+    every_char = "." if charset == "synthetic" else r"[\s\S]"  # text: the newline is a character too
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(every_char), behavior="isolated")
     backend.decoder = decoders.Fuse()
     backend.add_special_tokens(list(SPECIAL_TOKENS))
     tokenizer = PreTrainedTokenizerFast(
@@ -58,13 +74,14 @@ def build_synthetic_tokenizer() -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def save_synthetic_tokenizer(directory: str | Path) -> Path:
-    """Build the synthetic tokenizer and ``save_pretrained`` it into ``directory`` (created if needed).
+def save_synthetic_tokenizer(directory: str | Path, charset: str = "synthetic") -> Path:
+    """Build the synthetic tokenizer (of ``charset``) and ``save_pretrained`` it into ``directory`` (created if
+    needed).
 
     Returns:
         The directory, loadable with ``transformers.AutoTokenizer.from_pretrained``.
     """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    build_synthetic_tokenizer().save_pretrained(str(out))
+    build_synthetic_tokenizer(charset).save_pretrained(str(out))
     return out

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["SEQUENCE_INDEX", "hash64", "mix64", "mix64_int", "row_keys", "uniform", "uniform_from_keys"]
+__all__ = ["SEQUENCE_INDEX", "derive_seed", "hash64", "mix64", "mix64_int", "row_keys", "uniform", "uniform_from_keys"]
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -46,6 +46,19 @@ def mix64_int(x: int) -> int:
     z = ((z ^ (z >> 30)) * _M1) & _MASK64
     z = ((z ^ (z >> 27)) * _M2) & _MASK64
     return z ^ (z >> 31)
+
+
+def derive_seed(seed: int, stream: str) -> int:
+    """The seed of one named stream of draws (``"shuffle"``, ``"rescue"``, ...) of a run with seed ``seed``:
+    ``mix(... mix(mix(seed) ^ b_0) ^ b_1 ...) >> 1`` over the UTF-8 bytes b_i of ``stream``.
+
+    A pure function of ``(seed, stream)``, the same on every machine and Python (no ``hash()``), in [0, 2**63) so
+    it fits an int64, JSON and YAML. Different streams of one seed, and one stream of different seeds, are unrelated.
+    """
+    h = mix64_int(seed & _MASK64)
+    for byte in stream.encode("utf-8"):
+        h = mix64_int(h ^ byte)
+    return h >> 1
 
 
 def _lsr(z: Tensor, k: int) -> Tensor:

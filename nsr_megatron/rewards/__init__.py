@@ -1,4 +1,5 @@
-"""Verifiable rewards: math answer checking, exact match, synthetic tasks, user rewards by import path.
+"""Verifiable rewards: math answer checking, exact match, synthetic tasks, reasoning-gym tasks (``reasoning_gym``),
+user rewards by import path.
 
 ``RewardScorer(RewardConfig(...)).score_batch(responses, answers, response_lengths)`` runs each call in a
 time-limited worker; failures and time-outs score 0 and are counted in ``RewardStats``.

@@ -10,6 +10,8 @@ by import path) and is a plain module-level function, so a worker process can im
 * ``synthetic_reward``: the synthetic tasks (``data/synthetic.py``): the response, with special tokens and
   whitespace removed, scores the fraction of the answer's positions it gets right (lenient, the default: 1.0 iff it
   starts with the answer; for a one-digit answer 1 or 0) or 1.0 iff it equals the answer (``strict=True``).
+* ``reasoning_gym`` (``rewards/reasoning_gym.py``): the task's own ``score_answer`` on the last
+  ``<answer>...</answer>`` (else the last non-empty line), for prompts of ``data.source=reasoning_gym``.
 """
 
 from __future__ import annotations
@@ -150,4 +152,6 @@ BUILTIN_REWARDS: dict[str, str] = {
     "math": f"{__name__}:math_reward",
     "exact_match": f"{__name__}:exact_match",
     "synthetic": f"{__name__}:synthetic_reward",
+    # reasoning-gym's own verifiers (optional package; nsr_megatron/rewards/reasoning_gym.py)
+    "reasoning_gym": "nsr_megatron.rewards.reasoning_gym:reasoning_gym_reward",
 }

@@ -45,8 +45,10 @@ class RewardConfig:
     """Which reward to compute and how.
 
     Attributes:
-        name: a built-in reward (``math``, ``exact_match``, ``synthetic``) or a user one as ``"module:function"``
-            with the signature ``fn(response: str, answer: str, **kwargs) -> float``.
+        name: a built-in reward (``math``, ``exact_match``, ``synthetic``, ``reasoning_gym``: the task's own
+            verifier on the last ``<answer>...</answer>`` or else the last non-empty line, for
+            ``data.source=reasoning_gym``; it needs the optional reasoning-gym package) or a user one as
+            ``"module:function"`` with the signature ``fn(response: str, answer: str, **kwargs) -> float``.
         kwargs: extra keyword arguments passed to every call (e.g. ``{"strict": True}`` for ``synthetic``).
         timeout_s: time limit per call; a call past it scores 0.
         executor: ``process`` (killable, default) or ``thread`` (no process start-up; a hang is only abandoned).

@@ -284,11 +284,13 @@ def _sample_on_driver(rt: Runtime, step: int, phases: PhaseTimer,
     stats = dict.fromkeys(("reward/errors", "reward/invalid", "reward/worker_crashes", "reward/timeouts",
                            "rollout/rounds", "rollout/dropped_groups"), 0.0)
     example: dict[str, Any] = {}
+    draws = cfg.rollout.sampling_seed
+    assert draws is not None, "Config.__post_init__ sets rollout.sampling_seed (default: run.seed)"
     for round_ in range(cfg.algorithm.max_sampling_rounds if cfg.algorithm.dynamic_sampling else 1):
         records = [rt.dataset[i] for i in rt.sampler.next_batch()]
         gens, rewards, rstats, texts = generate_and_score(
             rt.engine, rt.scorer, rt.tokenizer, records, params, n=G, phases=phases,
-            seed=mix64_int(cfg.run.seed * 1_000_003 + step * 131 + round_) >> 1,
+            seed=mix64_int(draws * 1_000_003 + step * 131 + round_) >> 1,
             return_routed_experts=rt.routed_experts)
         flat = [g for per_prompt in gens for g in per_prompt]
         answers = [r.answer for r in records for _ in range(G)]

@@ -17,8 +17,11 @@ Checks, in order:
 3. The tokenizer (``model.tokenizer_path``, default the model folder): its files exist, it loads, it is not empty
    and fits the model's vocabulary.
 4. ``reward.name`` imports.
-5. ``data.*``: the file exists and parses, the keys are there, every prompt tokenizes; ``rollout.prompts_per_step``
-   fits the dataset; the longest prompt plus ``rollout.max_new_tokens`` fits ``max_position_embeddings``.
+5. ``data.*``: the file exists and parses (or ``data.source=reasoning_gym``'s tasks and generator settings exist
+   and generate), the keys are there, every prompt tokenizes; ``rollout.prompts_per_step`` fits the dataset; the
+   longest prompt plus ``rollout.max_new_tokens`` fits ``max_position_embeddings``; reasoning-gym prompts go with
+   ``reward.name=reasoning_gym`` and no held-out question (``eval.data``, or the ``eval_seed`` set) is a training
+   question.
 6. Settings the run would ignore are named in a warning.
 """
 
@@ -29,7 +32,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from nsr_megatron.config import Config, ConfigError, ModelConfig, read_hf_config
 from nsr_megatron.data.datasets import PromptDataset
@@ -79,21 +82,9 @@ def preflight(config: Config, *, world_size: int) -> RunInputs:
     _check_reward(config)
     dataset = _load_dataset(config, tokenizer)
     _check_batch_and_lengths(config, arch, dataset)
-    eval_dataset = None
-    if config.eval.interval and config.eval.data == "generate":
-        raise ConfigError("eval.data=generate: only `nsr-megatron quickstart` generates a held-out set (of its "
-                          "synthetic task); for `train`, pass eval.data=<a JSONL or Parquet prompt file>.")
-    if config.eval.interval:
-        import dataclasses
-
-        eval_config = dataclasses.replace(config, data=dataclasses.replace(
-            config.data, path=config.eval.data, max_samples=config.eval.max_problems or None, shuffle=False))
-        try:
-            eval_dataset = _load_dataset(eval_config, tokenizer)
-        except ConfigError as exc:
-            text = str(exc)
-            raise ConfigError(text.replace("data.path=", "eval.data=") if "data.path=" in text
-                              else f"eval.data={config.eval.data!r}: {text}") from None
+    _check_reasoning_gym_answers(config, dataset)
+    eval_dataset = _load_eval_dataset(config, tokenizer) if config.eval.interval else None
+    _check_held_out(config, dataset, eval_dataset)
     for message in ignored_settings(config):
         log.warning("%s", message)
     return RunInputs(arch=arch, tokenizer=tokenizer, dataset=dataset, resume_from=resume_from,
@@ -325,18 +316,94 @@ def _check_reward(config: Config) -> None:
         raise ConfigError(f"reward.name={config.reward.name!r}: {exc}") from None
 
 
-def _load_dataset(config: Config, tokenizer: Any) -> PromptDataset:
+def _load_dataset(config: Config, tokenizer: Any, *, split: Literal["train", "eval"] = "train") -> PromptDataset:
     try:
-        return PromptDataset(config.data, tokenizer)
-    except (ValueError, FileNotFoundError) as exc:
-        raise ConfigError(str(exc)) from None
+        return PromptDataset(config.data, tokenizer, split=split)
+    except (ValueError, FileNotFoundError, ImportError) as exc:  # ImportError: an optional reader (pyarrow,
+        raise ConfigError(str(exc)) from None                      # reasoning-gym), its message names the pip command
+
+
+def _load_eval_dataset(config: Config, tokenizer: Any) -> PromptDataset:
+    """``eval.data``: a prompt file read like ``data.path``, or ``reasoning_gym``: the held-out set of
+    ``data.source=reasoning_gym`` (``data.reasoning_gym.eval_size`` / ``eval_seed``)."""
+    first = config.eval.max_problems or None
+    if config.eval.data == "generate":
+        raise ConfigError("eval.data=generate: only `nsr-megatron quickstart` generates a held-out set (of its "
+                          "synthetic task); for `train`, pass eval.data=<a JSONL or Parquet prompt file>, or "
+                          "eval.data=reasoning_gym with data.source=reasoning_gym.")
+    if config.eval.data == "reasoning_gym":
+        if config.data.source != "reasoning_gym":
+            raise ConfigError("eval.data=reasoning_gym evaluates on the held-out set of data.source=reasoning_gym "
+                              "(data.reasoning_gym.eval_size / eval_seed), but data.source=file; set "
+                              "data.source=reasoning_gym, or point eval.data at a prompt file.")
+        held_out = dataclasses.replace(config.data, path="", max_samples=first, shuffle=False)
+        return _load_dataset(dataclasses.replace(config, data=held_out), tokenizer, split="eval")
+    eval_config = dataclasses.replace(config, data=dataclasses.replace(
+        config.data, source="file", path=config.eval.data, max_samples=first, shuffle=False))
+    try:
+        return _load_dataset(eval_config, tokenizer)
+    except ConfigError as exc:
+        text = str(exc)
+        raise ConfigError(text.replace("data.path=", "eval.data=") if "data.path=" in text
+                          else f"eval.data={config.eval.data!r}: {text}") from None
+
+
+def _check_reasoning_gym_answers(config: Config, dataset: PromptDataset) -> None:
+    """reasoning-gym prompts and ``reward.name=reasoning_gym`` go together: the reward reads the payload answers
+    that only that source (or its command line's files) writes, and no other built-in reward can score them."""
+    from nsr_megatron.data.reasoning_gym import decode_payload, require_reasoning_gym
+    from nsr_megatron.rewards.builtin import BUILTIN_REWARDS
+
+    name = config.reward.name
+    if name == "reasoning_gym":
+        try:
+            require_reasoning_gym()
+        except ImportError as exc:
+            raise ConfigError(f"reward.name=reasoning_gym: {exc}") from None
+        record = dataset[0]
+        if decode_payload(record.answer) is None:
+            raise ConfigError(
+                f"reward.name=reasoning_gym scores the answers that data.source=reasoning_gym (or python -m "
+                f"nsr_megatron.data.reasoning_gym) writes, a JSON payload with the task and its entry; "
+                f"{dataset.source} (line {record.source_line}) has the answer {record.answer!r:.60}. Use such data, "
+                f"or another reward.")
+    elif config.data.source == "reasoning_gym" and name in BUILTIN_REWARDS:
+        raise ConfigError(f"data.source=reasoning_gym stores each prompt's reasoning-gym entry as its answer (a JSON "
+                          f"payload), which reward.name={name} cannot score; set reward.name=reasoning_gym.")
+
+
+def _check_held_out(config: Config, dataset: PromptDataset, eval_dataset: PromptDataset | None) -> None:
+    """No held-out question is a training question, for reasoning-gym data: the questions of ``eval.data`` when the
+    run evaluates, else those of the ``eval_seed`` set of ``data.source=reasoning_gym``. (Other data is not checked:
+    the synthetic quickstart tasks have ten distinct prompts, shared by design.)"""
+    from nsr_megatron.data.reasoning_gym import overlap, question_of
+
+    rg = config.data.reasoning_gym
+    if config.data.source != "reasoning_gym" and config.reward.name != "reasoning_gym":
+        return
+    if eval_dataset is not None:
+        held_out, what = eval_dataset, f"eval.data={config.eval.data}"
+    elif config.data.source == "reasoning_gym":
+        data = dataclasses.replace(config.data, path="", max_samples=None, shuffle=False)
+        held_out = _load_dataset(dataclasses.replace(config, data=data), None, split="eval")
+        what = f"the held-out set (data.reasoning_gym.eval_seed={rg.eval_seed}, eval_size={rg.eval_size})"
+    else:
+        return
+    count, first = overlap((question_of(r.answer, r.prompt) for r in dataset.records),
+                           [question_of(r.answer, r.prompt) for r in held_out.records])
+    if count:
+        raise ConfigError(
+            f"{count} of the {len(held_out)} questions of {what} also occur in the training set, {dataset.source}; "
+            f"the first: {first!r:.200}. Held-out questions must be unseen: widen the tasks' generator settings "
+            f"(data.reasoning_gym.configs) so that questions repeat less, or draw fewer (data.reasoning_gym.size, "
+            f"eval_size, eval.max_problems).")
 
 
 def _check_batch_and_lengths(config: Config, arch: ArchSpec, dataset: PromptDataset) -> None:
     n, per_step = len(dataset), config.rollout.prompts_per_step
     if per_step > n:
         raise ConfigError(f"rollout.prompts_per_step={per_step} is larger than the dataset ({n} prompts in "
-                          f"{config.data.path}); lower it to at most {n} or use more prompts.")
+                          f"{dataset.source}); lower it to at most {n} or use more prompts.")
     longest, line = dataset.longest_prompt()
     limit, new = arch.max_position_embeddings, config.rollout.max_new_tokens
     if longest + new > limit:
@@ -347,7 +414,7 @@ def _check_batch_and_lengths(config: Config, arch: ArchSpec, dataset: PromptData
         if not fixes:
             fixes.append("use shorter prompts or a model with more positions")
         raise ConfigError(
-            f"the longest prompt ({config.data.path}, line {line}: {longest} tokens) plus rollout.max_new_tokens="
+            f"the longest prompt ({dataset.source}, line {line}: {longest} tokens) plus rollout.max_new_tokens="
             f"{new} exceeds the model's max_position_embeddings={limit}; {', or '.join(fixes)}.")
 
 
@@ -391,6 +458,12 @@ def ignored_settings(config: Config) -> list[str]:
     if o.precision_aware and o.main_grads_dtype != "fp32":
         out.append(f"optimizer.main_grads_dtype={o.main_grads_dtype} is ignored: gradients are reduced and kept in "
                    "fp32 (the DDP buffers' grad_reduce_in_fp32).")
+    d = config.data
+    if d.source == "reasoning_gym":
+        out += [f"data.{key} is ignored: data.source=reasoning_gym generates the prompts."
+                for key in ("format", "prompt_key", "answer_key", "skip_invalid") if changed("data", key)]
+    elif d.reasoning_gym != defaults.data.reasoning_gym:
+        out.append("data.reasoning_gym.* is ignored: data.source=file (set data.source=reasoning_gym to use it).")
     if config.reward.executor == "thread" and changed("reward", "start_method"):
         out.append("reward.start_method is ignored: reward.executor=thread.")
     if config.algorithm.old_logprobs == "rollout" and (

@@ -248,7 +248,8 @@ def build_runtime(config: Config, inputs: RunInputs, *, world_size: int) -> Runt
     if state.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_resolved_config(config, run_dir)
-    sampler = EpochSampler(len(inputs.dataset), config.rollout.prompts_per_step, seed=config.data.seed,
+    assert config.data.shuffle_seed is not None, "Config.__post_init__ derives data.shuffle_seed from run.seed"
+    sampler = EpochSampler(len(inputs.dataset), config.rollout.prompts_per_step, seed=config.data.shuffle_seed,
                            shuffle=config.data.shuffle)
     replay = config.algorithm.routing_replay
     policy = build_model(arch, model=config.model, parallel=config.parallel, role="policy", optimizer=config.optimizer,
