@@ -75,7 +75,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if args.model_config:  # a recipe for a cluster: the config against this architecture, nothing read from disk
         return _validate_for_cluster(args, config, world)
     with tempfile.TemporaryDirectory() as scratch:
-        if not config.model.hf_path or not config.data.path:  # the quickstart's generated model and data
+        if not config.model.hf_path or _no_prompts(config):  # the quickstart's generated model and data
             config = prepare_quickstart(config, task=args.task, num_prompts=args.num_prompts, where=Path(scratch))
         inputs = preflight(config, world_size=world)
     arch, p = inputs.arch, config.parallel
@@ -85,7 +85,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         f"config OK: {arch.model_type}, {arch.num_layers} layers, {arch.num_experts or 'no'} experts; "
         f"tp={p.tp} pp={p.pp} ep={p.ep} etp={p.etp} cp={p.cp} on {world} process(es), "
         f"dp={world // (p.tp * p.pp * p.cp)}\n"
-        f"  data: {len(inputs.dataset)} prompts from {config.data.path} (longest {longest} tokens, line {line}); "
+        f"  data: {len(inputs.dataset)} prompts from {inputs.dataset.source} (longest {longest} tokens, line {line}); "
         f"stop tokens {list(inputs.stop_token_ids)}; reward {config.reward.name!r}; {resume}"
     )
     return 0
@@ -421,6 +421,11 @@ def _write_once(path: Path, records: list[dict[str, str]]) -> None:
     _wait_for(path)
 
 
+def _no_prompts(config: Config) -> bool:
+    """The prompts come from a file that the config does not name (the quickstart generates one)."""
+    return config.data.source == "file" and not config.data.path
+
+
 def prepare_quickstart(config: Config, *, task: str, num_prompts: int, where: Path | None = None) -> Config:
     """Fill in what the quickstart generates: a tiny random HF checkpoint (with the synthetic tokenizer)
     and a synthetic task's JSONL, in ``where`` (default: the run directory); with ``eval.data: generate`` also a
@@ -440,7 +445,7 @@ def prepare_quickstart(config: Config, *, task: str, num_prompts: int, where: Pa
             os.replace(tmp, hf_dir)
         _wait_for(hf_dir / "config.json")
         config.model.hf_path = str(hf_dir)
-    if not config.data.path:
+    if config.data.source == "file" and not config.data.path:
         data = root / "data" / f"{task}.jsonl"
         _write_once(data, generate(task, num_prompts, seed=config.data.seed))
         config.data.path = str(data)
@@ -511,7 +516,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out} is not empty; profile into a new folder (pass --out).")
     config = prepare_quickstart(config, task=args.task, num_prompts=args.num_prompts) if (
-        not config.model.hf_path or not config.data.path) else config
+        not config.model.hf_path or _no_prompts(config)) else config
     if config.profile.routing == "off" and arch_from_hf(read_hf_config(config.model.hf_path)).is_moe:
         config.profile.routing = "full"
     activities = [torch.profiler.ProfilerActivity.CPU] + (
