@@ -408,7 +408,7 @@ def task_config(task: str) -> str:
     """The built-in config of a synthetic task: ``configs/<task>.yaml`` where one exists (``repeat``), else the
     quickstart's."""
     own = CONFIGS_DIR / f"{task}.yaml"
-    return str(own if own.is_file() and task != "smoke" else CONFIGS_DIR / "quickstart.yaml")
+    return str(own if own.is_file() and task not in ("smoke", "arithmetic-sft") else CONFIGS_DIR / "quickstart.yaml")
 
 
 def _write_once(path: Path, records: list[dict[str, str]]) -> None:
@@ -462,7 +462,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     quickstart = getattr(args, "quickstart", False)
     config: Config = load_config(args.config or (task_config(args.task) if quickstart else None), args.overrides)
-    if quickstart:
+    if quickstart and args.task == "arithmetic":
+        from nsr_megatron.trainer.warm_start import prepare_arithmetic
+
+        config = prepare_arithmetic(config, sft_config=args.sft_config, cache=args.warm_start_cache,
+                                    progress=False if args.no_progress else None, world_size=_world_size())
+    elif quickstart:
         config = prepare_quickstart(config, task=args.task, num_prompts=args.num_prompts)
     try:
         rt = train(config, world_size=_world_size(), progress=False if args.no_progress else None)
@@ -581,9 +586,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     quick = sub.add_parser("quickstart", help="RL with NSR on a synthetic task from a tiny random model")
     add_config_args(quick, None)
-    quick.add_argument("--task", default="echo", help="synthetic task: echo | successor | add | repeat (default: "
+    quick.add_argument("--task", default="echo", help="echo | successor | add | repeat (synthetic), or arithmetic "
+                       "(reasoning-gym's chain_sum from an SFT warm start, configs/arithmetic.yaml) (default: "
                        "%(default)s); the config defaults to configs/repeat.yaml for repeat, else quickstart.yaml")
     quick.add_argument("--num-prompts", type=int, default=1024, help="prompts in the generated data set")
+    quick.add_argument("--sft-config", default=None, help="--task arithmetic: the warm start's SFT config "
+                       "(default: configs/arithmetic-sft.yaml)")
+    quick.add_argument("--warm-start-cache", default=None, help="--task arithmetic: where the task's data, model and "
+                       "SFT checkpoint are kept and reused (default: <run_dir>/../warm-start)")
     quick.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     quick.set_defaults(func=cmd_train, quickstart=True)
 

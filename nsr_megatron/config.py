@@ -386,9 +386,12 @@ class EvalConfig:
     weights and logs ``eval/avg@k``, ``eval/pass@1``, ``eval/pass@k``, ``eval/maj@k`` with that step's metrics
     (``nsr_megatron.evaluation``). ``max_problems`` (0 = all) takes the file's first problems; ``max_new_tokens``
     0 = ``rollout.max_new_tokens``. The schedule is by step number, so a resumed run keeps it. ``data: generate``
-    (the quickstart only) writes a held-out set of the synthetic task, drawn with ``data.seed + 1``."""
+    (the quickstart only) writes a held-out set of the synthetic task, drawn with ``data.seed + 1``. ``at_start``
+    also evaluates the starting weights, before the first step of a run that is not resumed, and writes that
+    summary to ``run_dir/eval_start.json`` (the same keys, without the ``eval/`` prefix)."""
 
     interval: int = 0
+    at_start: bool = False
     data: str = ""
     k: int = 4
     temperature: float = 1.0

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,6 +60,11 @@ def train(config: Any, *, world_size: int = 1, progress: bool | None = None, ann
         if rt.colocated and rt.engine is not None:  # engines sharing the training devices start released
             rt.engine.release_memory()
         sync_weights(rt, rt.start_step)  # the engine starts from the policy's (possibly resumed) weights
+        if cfg_eval.interval and cfg_eval.at_start and not rt.resumed:
+            with phases("eval"), engines_generating(rt, phases, release=["kv_cache"]):
+                start = evaluate_in_loop(rt, 0)
+            if rt.is_logger:
+                _write_json(rt.run_dir / "eval_start.json", {k.removeprefix("eval/"): v for k, v in start.items()})
         for step in range(rt.start_step, run.steps):
             phases.start_step(step + 1)
             metrics = {"step": step + 1, **rl_step(rt, step, phases)}
@@ -244,6 +252,12 @@ def evaluate_in_loop(rt: Runtime, step: int) -> dict[str, float]:
         out = {f"eval/{k}": summary[k] for k in keys}
         log.info("step %d eval: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in out.items()))
     return dict(_announce(out))
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _announce(message: Any) -> Any:

@@ -1,0 +1,42 @@
+"""``nsr-megatron quickstart --task arithmetic`` through the CLI, with a short SFT config: the warm start is made once
+and reused by the next run of the same seed, RL starts from its checkpoint, and the starting weights are evaluated
+on the held-out questions before the first step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.e2e.test_rl_loop import _ok, read_metrics, run_cli
+
+
+def test_the_warm_start_is_made_once_and_rl_starts_from_it(tmp_path: Path) -> None:
+    sft_config = tmp_path / "sft.yaml"
+    sft_config.write_text("optimizer: {lr: 1.0e-2}\nsft: {batch_size: 16, eval_interval: 0}\nrun: {steps: 4}\n")
+    common = ["--task", "arithmetic", "--sft-config", str(sft_config), "--no-progress", "run.steps=2",
+              "eval.interval=2", "eval.max_problems=16", "rollout.prompts_per_step=4", "rollout.samples_per_prompt=4"]
+    first = run_cli("quickstart", *common, f"run.run_dir={tmp_path / 'a'}")
+    _ok(first)
+    assert "warm start: SFT of" in first.stdout
+    cache = tmp_path / "warm-start"
+    sft_dirs = sorted(cache.glob("sft-*-seed1"))
+    assert len(sft_dirs) == 1 and len(read_metrics(sft_dirs[0])) == 4
+    made = json.loads((tmp_path / "a" / "warm_start.json").read_text())
+    assert made["sft_checkpoint"].startswith(str(sft_dirs[0]))
+    start = json.loads((tmp_path / "a" / "eval_start.json").read_text())
+    assert 0.0 <= start["pass@1"] <= 1.0 and start["mean_response_tokens"] > 0
+    rows = read_metrics(tmp_path / "a")
+    assert len(rows) == 2 and "eval/pass@1" in rows[-1]
+
+    # another loss on the same seed: the same warm start, not made again
+    second = run_cli("quickstart", *common, f"run.run_dir={tmp_path / 'b'}", "loss.name=dapo")
+    _ok(second)
+    assert "warm start: SFT of" not in second.stdout
+    assert json.loads((tmp_path / "b" / "warm_start.json").read_text())["sft_checkpoint"] == made["sft_checkpoint"]
+    assert sorted(cache.glob("sft-*-seed1")) == sft_dirs
+    # the run's resolved config starts from the SFT checkpoint and evaluates the task's held-out questions
+    import yaml
+
+    config = yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())
+    assert config["checkpoint"]["load"] == made["sft_checkpoint"]
+    assert config["eval"]["data"].endswith("rl-eval.jsonl") and config["reward"]["name"] == "reasoning_gym"
