@@ -195,7 +195,7 @@ def fused_setup(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
 
         return step
 
-    return {v: make(v) for v in FUSED_VARIANTS}
+    return {v: make(v) for v in args.fused_variants.split(",")}
 
 
 INFO: dict[str, Any] = {}
@@ -262,6 +262,8 @@ def main() -> None:
     p.add_argument("--fused-dtype", choices=("fp32", "bf16"), default="bf16")
     p.add_argument("--fused-chunk", type=int, default=None, help="tokens per tile of the fused op (automatic)")
     p.add_argument("--fused-vocab-chunk", type=int, default=None, help="vocabulary rows per tile (automatic)")
+    p.add_argument("--fused-variants", default=",".join(FUSED_VARIANTS),
+                   help="comma-separated variants of the fused-head suite, old among them (default: %(default)s)")
     p.add_argument("--fused-repeats", type=int, default=2, help="timed fused-head runs per variant, interleaved")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
@@ -275,7 +277,11 @@ def main() -> None:
         print(json.dumps(worker(mode, kind, variant, args)))
         return
     argv = [a for a in sys.argv[1:] if a]
-    suites = {"loss": (LOSS_VARIANTS, "dapo"), "logprob": (LP_VARIANTS, "naive"), "fused": (FUSED_VARIANTS, "old")}
+    fused = tuple(args.fused_variants.split(","))
+    unknown = sorted(set(fused) - set(FUSED_VARIANTS))
+    if unknown or "old" not in fused:
+        p.error(f"--fused-variants {args.fused_variants}: needs old and names from {list(FUSED_VARIANTS)}")
+    suites = {"loss": (LOSS_VARIANTS, "dapo"), "logprob": (LP_VARIANTS, "naive"), "fused": (fused, "old")}
     print(f"torch {torch.__version__}, device {args.device}, {args.threads} threads; time: median of "
           f"{args.loss_repeats} (loss) / {args.lp_repeats} (log-prob) / {args.fused_repeats} (fused head) "
           "interleaved runs in one process; memory: peak growth in a fresh process per variant")  # fmt: skip
