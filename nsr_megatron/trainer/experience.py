@@ -49,7 +49,8 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def pack_micro_batches(
-    samples: list[Sample], *, max_tokens: int, pad_id: int, seq_multiple: int = 1, seq_len: int | None = None
+    samples: list[Sample], *, max_tokens: int, pad_id: int, seq_multiple: int = 1, seq_len: int | None = None,
+    uniform_rows: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
     """Group samples (in order) into micro-batches of at most ``max_tokens`` padded tokens.
 
@@ -60,6 +61,11 @@ def pack_micro_batches(
       token_index [B, T] int64 (position in the response), rollout_logprobs [B, T] float32,
       advantages [B] float32, sample_ids [B] int64, valid [B, S] bool (the real tokens: prompt and response),
       and when the samples carry the engine's routing, rollout_topk [B, S, L, k] int64 (-1 where it has none).
+
+    With ``uniform_rows`` every micro-batch has the first one's B rows: a short last one gets rows of padding
+    (tokens ``pad_id``, mask 0, advantage 0, sample id -1, not valid), which add nothing to a loss, its
+    denominators or the routing statistics. Megatron's pipeline schedule needs it: it sends one activation shape
+    between stages.
     """
     if not samples:
         return []
@@ -105,4 +111,10 @@ def pack_micro_batches(
             }
             | ({"rollout_topk": rollout_topk} if rollout_topk is not None else {})
         )
+    if uniform_rows and len(batches) > 1:
+        extra = batches[0]["tokens"].shape[0] - batches[-1]["tokens"].shape[0]
+        if extra > 0:
+            fill = {"tokens": pad_id, "targets": pad_id, "sample_ids": -1, "rollout_topk": -1}
+            batches[-1] = {k: torch.cat([v, torch.full((extra, *v.shape[1:]), fill.get(k, 0), dtype=v.dtype)])
+                           for k, v in batches[-1].items()}
     return batches

@@ -361,8 +361,9 @@ def rl_step(rt: Runtime, step: int, phases: PhaseTimer) -> dict[str, float | Non
                     rt.counters["rollout/empty_steps"])
         return {**metrics, **_NOT_TRAINED, **_counters(rt), **phases.timings()}
     mine = batch.mine
-    pack = dict(max_tokens=cfg.algorithm.max_tokens_per_micro_batch, pad_id=_pad_id(rt),
-                seq_multiple=cfg.parallel.tp if cfg.parallel.sequence_parallel else 1, seq_len=batch.seq_len)
+    pack: dict[str, Any] = dict(max_tokens=cfg.algorithm.max_tokens_per_micro_batch, pad_id=_pad_id(rt),
+                seq_multiple=cfg.parallel.tp if cfg.parallel.sequence_parallel else 1, seq_len=batch.seq_len,
+                uniform_rows=cfg.parallel.pp > 1)  # the pipeline schedule sends one activation shape
     # Old (and reference) log-probs of every sample come from the weights that generated them: all of
     # them are computed before the first optimizer step of this RL step.
     shortcut = on_policy_shortcut(rt, steps_here)

@@ -166,18 +166,10 @@ def _samples(examples: list[SFTExample]) -> list[Sample]:
 
 
 def _pack(samples: list[Sample], *, max_tokens: int, pad_id: int, seq_multiple: int) -> list[dict[str, torch.Tensor]]:
-    """Micro-batches of at most ``max_tokens`` padded tokens, every one [B, S] of the same shape: the pipeline
-    schedule sends one activation shape between stages, so a short last micro-batch gets rows of padding (mask 0)."""
-    micro = pack_micro_batches(samples, max_tokens=max_tokens, pad_id=pad_id, seq_multiple=seq_multiple)
-    if len(micro) > 1:
-        rows = micro[0]["tokens"].shape[0]
-        last = micro[-1]
-        extra = rows - last["tokens"].shape[0]
-        if extra > 0:
-            fill = {"tokens": pad_id, "targets": pad_id, "sample_ids": -1}
-            micro[-1] = {k: torch.cat([v, torch.full((extra, *v.shape[1:]), fill.get(k, 0), dtype=v.dtype)])
-                         for k, v in last.items()}
-    return micro
+    """Micro-batches of at most ``max_tokens`` padded tokens, all of one [B, S] shape (the pipeline schedule sends
+    one activation shape between stages; rows of padding carry no loss)."""
+    return pack_micro_batches(samples, max_tokens=max_tokens, pad_id=pad_id, seq_multiple=seq_multiple,
+                              uniform_rows=True)
 
 
 def nll_loss_fn(*, global_tokens: float, scale: float) -> Any:

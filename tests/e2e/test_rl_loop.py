@@ -284,6 +284,20 @@ def test_torchrun_layouts_match_single_process(tmp_path: Path, layout: list[str]
     assert b[1]["reward/mean"] == pytest.approx(a[1]["reward/mean"], abs=0.1)
 
 
+def test_pipeline_parallel_with_a_short_last_micro_batch_matches_one_process(tmp_path: Path) -> None:
+    """PP2 with micro-batches of 5 rows (40 tokens of 8): a mini-batch of 64 samples ends in a micro-batch of 4,
+    which gets a row of padding (the schedule sends one activation shape) and trains like one process."""
+    common = ["--no-progress", "run.steps=1", "algorithm.max_tokens_per_micro_batch=40"]
+    single, multi = tmp_path / "single", tmp_path / "pp2"
+    _ok(run_cli("quickstart", f"run.run_dir={single}", *common))
+    _ok(run_cli("quickstart", f"run.run_dir={multi}", *common, "parallel.pp=2", f"model.hf_path={single / 'hf-init'}",
+                f"data.path={single / 'data' / 'echo.jsonl'}", nproc=2))
+    a, b = read_metrics(single)[0], read_metrics(multi)[0]
+    assert b["reward/mean"] == a["reward/mean"]
+    for key in ("loss", "entropy", "clip_frac/upper", "clip_frac/lower", "grad_norm"):
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+
+
 # ------------------------------------------------------------------------------------------------ rewards, options
 
 def test_bad_inputs_fail_clearly(tmp_path: Path) -> None:

@@ -45,6 +45,35 @@ def test_pack_micro_batches_aligns_targets_with_the_response() -> None:
     assert mbs[1]["mask"].sum() == 1
 
 
+def test_uniform_rows_pad_the_last_micro_batch_with_rows_that_carry_nothing() -> None:
+    """Under pipeline parallelism every micro-batch has one [B, S] shape; the padding rows leave the loss, its
+    denominators and its statistics exactly as they were."""
+    from nsr_megatron.losses import PolicyLossConfig, loss_denominators, policy_loss
+
+    samples = [_sample(i, 3, 2 + i % 3) for i in range(5)]
+    plain = pack_micro_batches(samples, max_tokens=16, pad_id=0, seq_len=8)
+    even = pack_micro_batches(samples, max_tokens=16, pad_id=0, seq_len=8, uniform_rows=True)
+    assert [mb["tokens"].shape[0] for mb in plain] == [2, 2, 1]
+    assert [mb["tokens"].shape for mb in even] == [(2, 8)] * 3
+    last, pad = plain[-1], even[-1]
+    assert pad["sample_ids"].tolist() == [4, -1] and pad["mask"][1].sum() == 0 and not pad["valid"][1].any()
+    assert pad["advantages"][1] == 0 and (pad["tokens"][1] == 0).all()
+    cfg = PolicyLossConfig(name="nsr")
+    g = torch.Generator().manual_seed(0)
+    lp = torch.randn(2, 7, generator=g) * 0.1 - 1.0  # [B, T] the padded micro-batch's log-probs
+    old = lp + torch.randn(2, 7, generator=g) * 0.3
+    for key in ("tokens", "seqs"):
+        assert loss_denominators(cfg, pad["mask"])[key] == loss_denominators(cfg, last["mask"])[key]
+    kw = dict(step=3, global_num_tokens=torch.tensor(10.0), global_num_seqs=torch.tensor(2.0))
+    got = policy_loss(cfg, lp, old, pad["advantages"], pad["mask"], sample_ids=pad["sample_ids"],
+                      token_index=pad["token_index"], **kw)  # type: ignore[arg-type]
+    want = policy_loss(cfg, lp[:1], old[:1], last["advantages"], last["mask"], sample_ids=last["sample_ids"],
+                       token_index=last["token_index"], **kw)  # type: ignore[arg-type]
+    torch.testing.assert_close(got[0], want[0])
+    for k in want[1]:
+        torch.testing.assert_close(got[1][k], want[1][k], msg=k)
+
+
 def test_sharding_and_mini_batches_cover_every_sample_once() -> None:
     samples = [_sample(i, 2, 2) for i in range(10)]
     shards = [dp_shard(samples, r, 3) for r in range(3)]
