@@ -24,12 +24,12 @@ import json
 import logging
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from nsr_megatron.cli import _rank, _wait_for
 from nsr_megatron.config import Config, load_config, to_dict
 
 log = logging.getLogger(__name__)
@@ -37,19 +37,6 @@ log = logging.getLogger(__name__)
 __all__ = ["SFT_CONFIG", "prepare_arithmetic"]
 
 SFT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "arithmetic-sft.yaml"
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def _wait_for(path: Path, timeout_s: float = 1800.0) -> None:
-    """Other ranks wait for rank 0's file (written atomically)."""
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"rank {_rank()}: {path} did not appear in {timeout_s:.0f} s; did rank 0 fail?")
-        time.sleep(0.2)
 
 
 def _digest(*parts: Any) -> str:
@@ -91,7 +78,7 @@ def prepare_arithmetic(config: Config, *, sft_config: str | os.PathLike[str] | N
         make_arithmetic_task(data_dir, seed=config.data.seed)
     files = {name: data_dir / f"{name}.jsonl" for name in ("sft-train", "sft-eval", "rl-train", "rl-eval")}
     for path in files.values():
-        _wait_for(path)
+        _wait_for(path, timeout_s=1800.0)
     hf_dir = Path(config.model.hf_path) if config.model.hf_path else _model(root, config)
     if not config.data.path:
         config.data.path = str(files["rl-train"])
