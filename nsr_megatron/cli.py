@@ -236,7 +236,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Train every (loss, seed) in turn, resumably (and ``--aa``'s repeat), then aggregate: curves with 95% intervals,
     a table of finals, paired differences against ``--baseline`` beside the A/A noise floor, a PNG."""
     import json
-    import subprocess
 
     from nsr_megatron.config import loss_draws
     from nsr_megatron.losses import PRESETS
@@ -254,6 +253,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise ConfigError(f"{flag} {name!r} is not among --losses {losses}; add it there or name one of those.")
     if args.seeds < 1:
         raise ConfigError(f"--seeds {args.seeds} must be >= 1.")
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs {args.jobs} must be >= 1 (runs trained at once).")
     seeds = list(range(1, args.seeds + 1))
     out = Path(args.out)
     config_path = args.config or task_config(args.task)
@@ -265,6 +266,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         groups.append((f"{args.aa}-aa", args.aa, True))
         aa_rescue = loss_draws(load_config(config_path, [*args.overrides, f"loss.name={args.aa}"]).loss)
     runs: dict[str, dict[int, Path]] = {label: {} for label, _, _ in groups}
+    todo: list[tuple[str, int, list[str], Path]] = []
     for label, loss, repeat in groups:
         for seed in seeds:
             run_dir = out / "runs" / f"{label}-seed{seed}"
@@ -277,20 +279,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 print(f"compare: {label} seed {seed}: not done ({run_dir}), left out (--no-train)", flush=True)
                 continue
             runs[label][seed] = run_dir
-            print(f"compare: {label} seed {seed}: training in {run_dir}", flush=True)
             # The A/A repeat keeps the seed's initial model and prompt order and draws other samples and rescues.
             draws = ([f"rollout.sampling_seed={derive_seed(seed, 'aa/sampling')}"]
                      + ([f"loss.seed={derive_seed(seed, 'aa/rescue')}"] if aa_rescue else [])) if repeat else []
             cmd = [sys.executable, "-m", "nsr_megatron.cli", *base, "--no-progress", *args.overrides,
                    f"loss.name={loss}", f"run.seed={seed}", *draws, f"run.run_dir={run_dir}", "checkpoint.resume=auto"]
-            log = run_dir.parent / f"{label}-seed{seed}.log"
-            log.parent.mkdir(parents=True, exist_ok=True)
-            with open(log, "a", encoding="utf-8") as f:
-                code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
-            if code != 0:
-                print(f"compare: {label} seed {seed} failed (exit {code}); its log: {log}. Run the same command "
-                      "again to continue from there.", file=sys.stderr)
-                return 1
+            todo.append((label, seed, cmd, run_dir))
+    if todo and _compare_train(todo, jobs=args.jobs) != 0:
+        return 1
     runs = {label: r for label, r in runs.items() if r}
     if not runs:
         raise ConfigError(f"--no-train: no finished run under {out / 'runs'}; train them first (drop --no-train).")
@@ -304,6 +300,37 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(text)
     print(f"compare: wrote {out / 'compare.md'}, {png} and {out / 'compare.json'}")
     return 0
+
+
+def _compare_train(todo: list[tuple[str, int, list[str], Path]], *, jobs: int) -> int:
+    """Run ``compare``'s training commands, ``jobs`` at a time, each logging to ``<label>-seed<seed>.log``. With
+    ``jobs > 1`` and no ``OMP_NUM_THREADS`` set, each run gets an equal share of the CPU cores as its threads. After a
+    failure no new run starts; the ones running finish. Returns 0, or 1 after a failure."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    env = dict(os.environ)
+    if jobs > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    failed: list[str] = []
+
+    def train(label: str, seed: int, cmd: list[str], run_dir: Path) -> None:
+        if failed:
+            return
+        print(f"compare: {label} seed {seed}: training in {run_dir}", flush=True)
+        log = run_dir.parent / f"{label}-seed{seed}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a", encoding="utf-8") as f:
+            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        if code != 0:
+            failed.append(label)
+            print(f"compare: {label} seed {seed} failed (exit {code}); its log: {log}. Run the same command "
+                  "again to continue from there.", file=sys.stderr, flush=True)
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for future in [pool.submit(train, *item) for item in todo]:
+            future.result()
+    return 1 if failed else 0
 
 
 def _validate_world_size(args: argparse.Namespace) -> int:
@@ -677,6 +704,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "difference as the noise floor")
     cmp.add_argument("--no-train", action="store_true", help="only aggregate the runs already done under --out; "
                      "the missing ones are left out and named")
+    cmp.add_argument("--jobs", type=int, default=1, help="runs trained at once, each with an equal share of the "
+                     "cores as its threads unless OMP_NUM_THREADS is set (default: %(default)s); runs of one seed "
+                     "share one warm start, made by whichever starts first")
     cmp.set_defaults(func=cmd_compare)
 
     plan = sub.add_parser("plan", help="per-GPU memory of a layout on a cluster; does it fit?")

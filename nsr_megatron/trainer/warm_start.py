@@ -18,12 +18,14 @@ held-out pass@1 the warm start reached) and every ``eval.interval`` steps.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +60,31 @@ def _model(cache: Path, config: Config) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         create_tiny_hf_checkpoint(tmp, seed=config.run.seed, **config.model.tiny)
         save_synthetic_tokenizer(tmp, charset="text")
-        os.replace(tmp, hf_dir)
+        try:
+            os.replace(tmp, hf_dir)
+        except OSError:
+            if not (hf_dir / "config.json").exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another run of this seed made the same model first
     _wait_for(hf_dir / "config.json")
     return hf_dir
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path, *, enabled: bool) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (released when the process dies, so a killed run leaves no stale lock)."""
+    if not enabled:
+        yield
+        return
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def prepare_arithmetic(config: Config, *, sft_config: str | os.PathLike[str] | None = None,
@@ -101,16 +125,20 @@ def prepare_arithmetic(config: Config, *, sft_config: str | os.PathLike[str] | N
     sft_cfg = load_config(sft_path, overrides, cls=SFTRunConfig)
     sft_cfg = dataclasses.replace(sft_cfg, parallel=config.parallel,
                                   model=dataclasses.replace(config.model, hf_path=str(hf_dir)))
-    latest = latest_checkpoint(sft_dir / "checkpoints")
-    done = latest is not None and int(read_meta(latest)["meta"]["step"]) >= sft_cfg.run.steps
-    if done:
-        log.info("warm start: reusing the SFT checkpoint %s", latest)
-    else:
-        if _rank() == 0:
-            print(f"warm start: SFT of {hf_dir.name} for {sft_cfg.run.steps} steps into {sft_dir} (made once, then "
-                  f"reused)", flush=True)
-        sft(sft_cfg, world_size=world_size, progress=progress)
+    # Runs of one seed started at once (``compare --jobs``) make the SFT once: the first holds the lock while it
+    # trains, the others wait and reuse its checkpoint. Under torchrun every rank trains the SFT collectively, so
+    # one job's ranks must decide alike; there the lock is not taken (run such jobs one after another).
+    with _exclusive(root / f".sft-{key}-seed{config.run.seed}.lock", enabled=world_size == 1):
         latest = latest_checkpoint(sft_dir / "checkpoints")
+        done = latest is not None and int(read_meta(latest)["meta"]["step"]) >= sft_cfg.run.steps
+        if done:
+            log.info("warm start: reusing the SFT checkpoint %s", latest)
+        else:
+            if _rank() == 0:
+                print(f"warm start: SFT of {hf_dir.name} for {sft_cfg.run.steps} steps into {sft_dir} (made once, "
+                      f"then reused)", flush=True)
+            sft(sft_cfg, world_size=world_size, progress=progress)
+            latest = latest_checkpoint(sft_dir / "checkpoints")
     assert latest is not None, f"the SFT in {sft_dir} saved no checkpoint"
     config.checkpoint.load = str(latest)
     if _rank() == 0:

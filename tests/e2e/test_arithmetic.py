@@ -1,13 +1,15 @@
 """``nsr-megatron quickstart --task arithmetic`` through the CLI, with a short SFT config: the warm start is made once
-and reused by the next run of the same seed, RL starts from its checkpoint, and the starting weights are evaluated
-on the held-out questions before the first step."""
+and reused by the next run of the same seed (also when two runs start at once), RL starts from its checkpoint, and
+the starting weights are evaluated on the held-out questions before the first step."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
-from tests.e2e.test_rl_loop import _ok, read_metrics, run_cli
+from tests.e2e.test_rl_loop import ROOT, _command, _ok, read_metrics, run_cli
 
 
 def test_the_warm_start_is_made_once_and_rl_starts_from_it(tmp_path: Path) -> None:
@@ -34,6 +36,19 @@ def test_the_warm_start_is_made_once_and_rl_starts_from_it(tmp_path: Path) -> No
     assert "warm start: SFT of" not in second.stdout
     assert json.loads((tmp_path / "b" / "warm_start.json").read_text())["sft_checkpoint"] == made["sft_checkpoint"]
     assert sorted(cache.glob("sft-*-seed1")) == sft_dirs
+
+    # two runs of a new seed started at once (as `compare --jobs 2` starts them): one makes the warm start while
+    # the other waits for it, and both start from it
+    procs = [subprocess.Popen(_command(("quickstart", *common, "run.seed=2", "run.steps=1",
+                                        f"run.run_dir={tmp_path / name}"), 1), cwd=ROOT,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for name in ("c", "d")]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert sum("warm start: SFT of" in out for out in outs) == 1, outs
+    assert len(list(cache.glob("sft-*-seed2"))) == 1
+    made_c, made_d = (json.loads((tmp_path / n / "warm_start.json").read_text())["sft_checkpoint"] for n in "cd")
+    assert made_c == made_d and "seed2" in made_c
     # the run's resolved config starts from the SFT checkpoint and evaluates the task's held-out questions
     import yaml
 

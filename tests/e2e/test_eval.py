@@ -97,11 +97,14 @@ def test_compare_runs_losses_and_seeds_resumably(tmp_path: Path) -> None:
     table = (out / "compare.md").read_text()
     assert "| reward/mean | dapo | 2 |" in table and "| rescue_frac | nsr | 2 |" in table
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # An interrupted comparison continues: only the missing run trains again, and the results are the same.
+    # An interrupted comparison continues: only the missing runs train again, here two at once (--jobs 2, each
+    # with the OMP_NUM_THREADS the test sets), and the results are the same.
     import shutil
 
     shutil.rmtree(out / "runs" / "nsr-seed2")
-    proc = run_cli(*args)
+    shutil.rmtree(out / "runs" / "dapo-seed1")
+    proc = run_cli(*args, "--jobs", "2")
     _ok(proc)
-    assert proc.stdout.count("done before, kept") == 3 and "nsr seed 2: training" in proc.stdout
+    assert proc.stdout.count("done before, kept") == 2, proc.stdout
+    assert "nsr seed 2: training" in proc.stdout and "dapo seed 1: training" in proc.stdout
     assert (out / "compare.md").read_text() == table
