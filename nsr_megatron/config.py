@@ -265,6 +265,9 @@ class SGLangConfig:
                  f"rollout.sglang.extra_args={self.extra_args!r} must be a list of strings, e.g. [--dp-size, '2'].")
 
 
+ROLLOUT_BACKENDS = ("embedded", "server", "sglang")  # the built-in values of rollout.backend
+
+
 @dataclass(kw_only=True)
 class RolloutConfig:
     """How responses are sampled (G samples for each of ``prompts_per_step`` prompts) and by which engines.
@@ -272,16 +275,17 @@ class RolloutConfig:
     ``backend``: ``embedded`` (default) runs the engine in the trainer's driver process; ``server`` runs
     ``num_engines`` processes of the project's rollout server, launched and supervised by the trainer (the
     multi-engine path that runs on CPU); ``sglang`` launches SGLang engines the same way. With ``urls`` the trainer
-    attaches to engines that are already running instead (server or SGLang). Weights reach the engines through
-    ``weight_sync``: ``distributed`` (a broadcast over a process group the engines join), ``disk`` (a
-    safetensors folder the engines load) or ``tensor`` (CUDA IPC handles, for SGLang engines colocated on the
-    training GPUs), in buckets of ``update_bucket_mb``; or ``shared_memory`` (the project's server on the trainer's
-    host: every rank writes its own shards straight into the engines' weights, no buckets). ``auto`` (default):
-    ``shared_memory`` for the project's server when the engines and every rank share this host (Linux), falling
-    back to ``distributed`` if the engines' memory cannot be mapped; ``distributed`` otherwise.
+    attaches to engines that are already running instead (server or SGLang). ``module:Factory`` is a backend of
+    your own: ``Factory(EngineSetup)`` returns a ``RolloutEngine`` (README, "Adding a rollout backend"). Weights
+    reach the engines through ``weight_sync``: ``distributed`` (a broadcast over a process group the engines
+    join), ``disk`` (a safetensors folder the engines load) or ``tensor`` (CUDA IPC handles, for SGLang engines
+    colocated on the training GPUs), in buckets of ``update_bucket_mb``; or ``shared_memory`` (the project's server
+    on the trainer's host: every rank writes its own shards straight into the engines' weights, no buckets).
+    ``auto`` (default): ``shared_memory`` for the project's server when the engines and every rank share this host
+    (Linux), falling back to ``distributed`` if the engines' memory cannot be mapped; ``distributed`` otherwise.
     """
 
-    backend: Literal["embedded", "server", "sglang"] = "embedded"
+    backend: str = "embedded"  # embedded | server | sglang | module:Factory
     num_engines: int = 1
     urls: list[str] = field(default_factory=list)
     api_token: str = ""  # bearer token of the engines' weight endpoints (default: a fresh one per run)
@@ -312,6 +316,11 @@ class RolloutConfig:
     offload_train: Literal["auto", "true", "false"] = "auto"
 
     def __post_init__(self) -> None:
+        module, colon, factory = self.backend.partition(":")
+        _require(self.backend in ROLLOUT_BACKENDS or bool(
+            colon and all(p.isidentifier() for p in module.split(".") + factory.split("."))),
+            f"rollout.backend={self.backend!r} is not one of {list(ROLLOUT_BACKENDS)} nor 'module:Factory' (a rollout "
+            "backend of your own; see the README, \"Adding a rollout backend\").")
         _require(self.prompts_per_step >= 1, f"rollout.prompts_per_step={self.prompts_per_step} must be >= 1.")
         _require(
             self.samples_per_prompt >= 2,
@@ -327,7 +336,7 @@ class RolloutConfig:
         _require(isinstance(self.urls, list) and all(isinstance(u, str) and u.startswith("http") for u in self.urls),
                  f"rollout.urls={self.urls!r} must be a list of engine URLs, e.g. [http://127.0.0.1:30000].")
         _require(
-            not self.urls or self.backend != "embedded",
+            not self.urls or self.backend in ("server", "sglang"),
             "rollout.urls names running engines: set rollout.backend=server (the project's server) or sglang.",
         )
         _require(not (self.overlap and self.sglang.colocate),

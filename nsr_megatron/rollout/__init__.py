@@ -1,5 +1,5 @@
 """Rollout: the engine protocol, the in-process engine, SGLang's HTTP protocol (one client, the project's own
-server), and the multi-engine tier (launch, spread prompts, push weights, supervise).
+server), and the multi-engine tier (launch under a supervisor, spread prompts, push weights, restart).
 
 >>> from nsr_megatron.rollout import EmbeddedEngine, SamplingParams
 >>> engine = EmbeddedEngine("path/to/hf_model")
@@ -13,7 +13,15 @@ from typing import TYPE_CHECKING, Any
 
 from nsr_megatron.rollout.client import EngineError, HttpEngine
 from nsr_megatron.rollout.embedded import EmbeddedEngine, sample_tokens
-from nsr_megatron.rollout.engine import Generation, RolloutEngine, SamplingParams, prompt_seeds
+from nsr_megatron.rollout.engine import (
+    EngineSetup,
+    Generation,
+    Resync,
+    RolloutEngine,
+    RolloutError,
+    SamplingParams,
+    prompt_seeds,
+)
 
 if TYPE_CHECKING:
     from nsr_megatron.rollout.server import RolloutServer
@@ -31,9 +39,12 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "EmbeddedEngine",
     "EngineError",
+    "EngineSetup",
     "Generation",
     "HttpEngine",
+    "Resync",
     "RolloutEngine",
+    "RolloutError",
     "RolloutServer",
     "SamplingParams",
     "prompt_seeds",

@@ -41,14 +41,17 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from nsr_megatron.losses.rng import uniform_from_keys
 from nsr_megatron.platform import outside_cpu_compat
-from nsr_megatron.rollout.engine import Generation, SamplingParams, prompt_seeds, row_key
+from nsr_megatron.rollout.engine import Generation, Resync, SamplingParams, prompt_seeds, row_key
+
+if TYPE_CHECKING:
+    from nsr_megatron.rollout.weight_sync import SharedLayout
 
 __all__ = ["EmbeddedEngine", "sample_tokens"]
 
@@ -400,10 +403,11 @@ class EmbeddedEngine:
     # ------------------------------------------------------------------ weights
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]] | Mapping[str, Tensor],
-                       version: str = "") -> int:
+                       version: str = "", *, engines: Sequence[int] | None = None) -> int:
         """Copy Hugging Face-named tensors into the model's parameters in place; return how many were loaded.
 
         ``named_tensors``: (name, tensor) pairs, streamed (a generator of buckets is fine), or a name -> tensor dict.
+        ``engines`` is ignored: the engine is one replica. It keeps no cache between calls, so nothing goes stale.
 
         Accepts the model's own parameter names and, for Qwen2/Qwen3-MoE, the checkpoint's per-expert names
         (``model.layers.L.mlp.experts.E.{gate,up,down}_proj.weight``), which are copied into their slice of the
@@ -473,6 +477,32 @@ class EmbeddedEngine:
 
     def flush_cache(self) -> None:
         """No-op: the engine keeps no KV or prefix cache between ``generate`` calls (each call builds its own)."""
+
+    # ------------------------------------------------------------------ health and transports (the protocol)
+
+    @property
+    def restarts(self) -> int:
+        """Always 0: the engine lives in the trainer's process, which nothing restarts."""
+        return 0
+
+    def ensure_healthy(self, resync: Resync) -> None:
+        """No-op: the engine lives in the trainer's process (if it died, so did the trainer), and every weight
+        update is a copy in that process that either lands or raises, so no replica is ever stale."""
+
+    def open_shared_update(self) -> list[SharedLayout]:
+        """Not for this engine: its weights are copied in the driver's process by :meth:`update_weights`; the
+        shared-memory session is the project's server's (preflight refuses ``rollout.weight_sync=shared_memory``
+        here). Raises ``ValueError``."""
+        raise ValueError("rollout.weight_sync=shared_memory writes into the memory of the project's rollout server "
+                         "processes; the embedded engine takes its weights in the driver's process: set "
+                         "rollout.weight_sync=distributed (or rollout.backend=server).")
+
+    def close_shared_update(self, version: str, *, written: bool = True) -> None:
+        """Not for this engine (see :meth:`open_shared_update`): raises ``ValueError``."""
+        self.open_shared_update()
+
+    def set_weight_sync(self, mode: str) -> None:
+        """No-op: one transport, a copy in this process (:meth:`update_weights`), whatever ``mode``."""
 
     def release_memory(self, tags: list[str] | None = None) -> None:
         """Free the model's weights on its device (their values move to host memory) while the trainer trains on

@@ -1,9 +1,11 @@
-"""The rollout engine protocol: what the trainer asks of any generator (embedded, HTTP, SGLang).
+"""The rollout engine protocol: what the trainer asks of any generator (embedded, HTTP, SGLang, one of your own).
 
 A rollout call takes P prompts (token ids) and returns, for each prompt, ``n`` sampled continuations with the
-log-probability of every sampled token. The trainer only talks to :class:`RolloutEngine`, so the in-process
-:class:`~nsr_megatron.rollout.embedded.EmbeddedEngine` and a pool of HTTP engines
-(:class:`~nsr_megatron.rollout.pool.EnginePool`: the project's server or SGLang) are interchangeable.
+log-probability of every sampled token. The trainer only talks to :class:`RolloutEngine` (generation, health and
+recovery, weight updates, memory release), so the in-process
+:class:`~nsr_megatron.rollout.embedded.EmbeddedEngine`, a pool of HTTP engines
+(:class:`~nsr_megatron.rollout.pool.EnginePool`: the project's server or SGLang) and a backend of your own
+(``rollout.backend=module:Factory``, built from an :class:`EngineSetup`) are interchangeable.
 
 Log-probability convention (what ``Generation.response_logprobs`` holds)::
 
@@ -19,14 +21,18 @@ same quantity).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["ROLLOUT_STREAM", "FinishReason", "Generation", "RolloutEngine", "SamplingParams", "prompt_seeds",
-           "row_key"]
+if TYPE_CHECKING:
+    from nsr_megatron.rollout.weight_sync import SharedLayout
+
+__all__ = ["ROLLOUT_STREAM", "EngineSetup", "FinishReason", "Generation", "Resync", "RolloutEngine", "RolloutError",
+           "SamplingParams", "prompt_seeds", "row_key"]
 
 ROLLOUT_STREAM = 0x524F4C4C4F5554
 """Mixed into every rollout draw ("ROLLOUT" in ASCII): keeps rollout uniforms apart from the loss's draws."""
@@ -119,9 +125,59 @@ class Generation:
     routed_experts: torch.Tensor | None = None
 
 
+class RolloutError(RuntimeError):
+    """The rollout tier cannot go on (say an engine failed more often than ``rollout.max_restarts``), or a weight
+    update did not land (the engine then counts the replicas it missed as stale and brings them to the current
+    weights in the next :meth:`RolloutEngine.ensure_healthy`); the message says why."""
+
+
+Resync = Callable[[list[int]], None]
+"""``resync(engines)``: bring replicas ``engines`` to the trainer's current weights. The trainer's callback: every
+rank exports the weights again and the driver passes them to ``RolloutEngine.update_weights(..., engines=...)``."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineSetup:
+    """What a rollout backend is built from: ``rollout.backend=module:Factory`` calls ``Factory(setup)`` on the
+    driver rank (README, "Adding a rollout backend").
+
+    Args:
+        hf_path: the policy's Hugging Face folder (``config.json``, tokenizer, the starting weights); the trainer
+            pushes its own weights through :meth:`RolloutEngine.update_weights` before the first rollout.
+        device: the driver rank's device type, ``cuda`` or ``cpu``.
+        dtype: the policy's parameter dtype (``model.params_dtype``).
+        max_batch_size: ``rollout.max_batch_size``: rows (prompt x sample) per forward.
+        num_engines: ``rollout.num_engines``: replicas the backend may run.
+        log_dir: where the backend may write its logs (``<run_dir>/engines``; create it if needed).
+    """
+
+    hf_path: str
+    device: str
+    dtype: torch.dtype
+    max_batch_size: int
+    num_engines: int
+    log_dir: Path
+
+
 @runtime_checkable
 class RolloutEngine(Protocol):
-    """A generator the trainer can sample from and push weights into."""
+    """Everything the trainer asks of a generator, and all it knows of one (``trainer/loop.py`` asks nothing else).
+
+    An engine runs one or more *replicas* of the model (the pool: one per server process); ``engines`` arguments
+    name replicas by index, and an engine with one replica ignores them. Only the driver rank holds the engine.
+    A method that does nothing for an engine is a no-op whose docstring says why.
+
+    - **generation**: :meth:`generate`.
+    - **health and recovery**: :meth:`ensure_healthy` before each rollout restarts what died and resyncs what
+      missed the current weights; :attr:`restarts` counts restarts (``rollout/restarts``).
+    - **weights**: :meth:`update_weights` (HF-named full tensors, streamed; the engine's own transport:
+      ``distributed``, ``disk``, ``tensor`` or a copy in this process), or a shared-memory session
+      (:meth:`open_shared_update`, :meth:`close_shared_update`) in which every trainer rank writes its own shards;
+      :meth:`set_weight_sync` switches the transport (the fallback from ``shared_memory``).
+    - **memory**: :meth:`release_memory` and :meth:`resume_memory` around training, for engines that share the
+      training devices.
+    - :meth:`close`.
+    """
 
     def generate(
         self,
@@ -136,18 +192,50 @@ class RolloutEngine(Protocol):
         """Sample ``n`` continuations of every prompt; ``result[i][j]`` is sample ``j`` of prompt ``i``.
         ``seeds[i]`` (default: ``prompt_seeds(seed, len(prompts))``) keys prompt i's draws, so a prompt samples
         the same whichever call or engine serves it. ``return_routed_experts`` (MoE) fills
-        ``Generation.routed_experts``."""
+        ``Generation.routed_experts``. A replica that fails here is restarted, resynced through the ``resync`` of
+        the last :meth:`ensure_healthy`, and its prompts are sent again: a call returns every group or raises."""
         ...
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str = "") -> int:
-        """Load Hugging Face-named full tensors (streamed) and set the weight version; return how many were loaded.
+    @property
+    def restarts(self) -> int:
+        """Replica restarts over the engine's life (the trainer logs each step's new ones as ``rollout/restarts``)."""
+        ...
 
-        An unknown name or a shape mismatch raises ``ValueError`` naming the tensor and both shapes.
+    def ensure_healthy(self, resync: Resync) -> None:
+        """Before a rollout: restart replicas whose process died or that fail their health check, and bring every
+        replica that missed the current weights (restarted, or left behind by a failed update) to them through
+        ``resync``. ``resync`` is kept for the replicas that fail in the following :meth:`generate` calls; a
+        ``resync`` that raises leaves its replicas stale, for the next call. Raises :class:`RolloutError` past the
+        engine's restart budget."""
+        ...
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str = "", *,
+                       engines: Sequence[int] | None = None) -> int:
+        """Load Hugging Face-named full tensors (streamed) into replicas ``engines`` (default: all), set the weight
+        version, and drop whatever the old weights cached (KV, prefixes); return how many tensors were loaded.
+
+        An unknown name or a shape mismatch raises ``ValueError`` naming the tensor and both shapes. A transport
+        failure raises :class:`RolloutError` (the replicas count as stale until :meth:`ensure_healthy`); the
+        trainer goes on.
         """
         ...
 
-    def flush_cache(self) -> None:
-        """Drop any cached KV / prefix state (call after a weight update if the engine keeps one)."""
+    def open_shared_update(self) -> list[SharedLayout]:
+        """``rollout.weight_sync=shared_memory``: open a weight update on every replica and return where each
+        replica's weights sit in its shared memory; the trainer's ranks write their shards there, then
+        :meth:`close_shared_update`. Raises :class:`RolloutError` when the session cannot start (the replicas are
+        stale until :meth:`ensure_healthy`), ``ValueError`` from an engine without this transport (preflight lets
+        only the project's server be asked)."""
+        ...
+
+    def close_shared_update(self, version: str, *, written: bool = True) -> None:
+        """End the session of :meth:`open_shared_update`: with ``written`` every replica now holds weight version
+        ``version``; without, a rank could not write and the replicas count as stale (:class:`RolloutError`)."""
+        ...
+
+    def set_weight_sync(self, mode: str) -> None:
+        """Send the next :meth:`update_weights` over ``mode`` (``distributed``, ``disk``, ...): the trainer falls
+        back from ``shared_memory`` to ``distributed`` when a rank cannot map the engines' memory."""
         ...
 
     def release_memory(self, tags: list[str] | None = None) -> None:

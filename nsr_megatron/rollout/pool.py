@@ -6,7 +6,9 @@ project's :mod:`~nsr_megatron.rollout.server`, or real SGLang) driven through on
 
 - **launching**: :class:`EngineLauncher` s build the command lines (:func:`server_launchers`,
   :func:`sglang_launchers`): free loopback ports, a bearer token, output to ``<log_dir>/engine<k>.log``; the pool
-  waits for ``/health_generate``. With URLs instead (``rollout.urls``) it attaches to running engines.
+  waits for ``/health_generate``. Each engine runs under a :mod:`~nsr_megatron.rollout.reaper` supervisor, so it
+  and its children stop within seconds when the trainer dies, even by SIGKILL. With URLs instead
+  (``rollout.urls``) it attaches to running engines, and never stops them.
 - **generation**: the prompts of a call are split into contiguous shares, one per engine, sent at once; prompt i
   carries its own seed (``sampling_seed``), so with the project's server a sample does not depend on which engine
   served it. Results come back in prompt order.
@@ -23,6 +25,8 @@ Nothing here imports megatron.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import shutil
@@ -41,16 +45,13 @@ from typing import Any
 import torch
 
 from nsr_megatron.rollout.client import EngineError, EngineUnreachable, HttpEngine
-from nsr_megatron.rollout.engine import Generation, SamplingParams, prompt_seeds
+from nsr_megatron.rollout.engine import Generation, Resync, RolloutError, SamplingParams, prompt_seeds
+from nsr_megatron.rollout.reaper import supervisor_command
 from nsr_megatron.rollout.weight_sync import FlatBucket, SharedLayout, WeightUpdateGroup, buckets, free_port
 
 __all__ = ["EngineLauncher", "EnginePool", "RolloutError", "server_launchers", "sglang_launchers"]
 
 log = logging.getLogger(__name__)
-
-
-class RolloutError(RuntimeError):
-    """The rollout tier cannot go on (an engine failed more often than ``max_restarts``); the message says why."""
 
 
 @dataclass
@@ -66,14 +67,20 @@ class EngineLauncher:
     process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        """Start the engine under a :mod:`~nsr_megatron.rollout.reaper` supervisor, the leader of a new process
+        group holding the engine and its children: the engine stops when this process dies, by any signal.
+        ``process`` is the supervisor, which lives as long as the engine and exits with its status."""
         env = {**os.environ, **self.env}
-        if self.log_path is None:
-            self.process = subprocess.Popen(self.command, env=env, stdout=subprocess.DEVNULL,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
-            return
-        with open(self.log_path, "ab") as out:  # the child keeps its own descriptor
-            self.process = subprocess.Popen(self.command, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+        with contextlib.ExitStack() as stack:
+            out = (stack.enter_context(open(self.log_path, "ab")) if self.log_path is not None  # the child keeps
+                   else subprocess.DEVNULL)  # its own descriptor
+            self.process = subprocess.Popen(supervisor_command(os.getpid()), env=env, stdin=subprocess.PIPE,
+                                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        assert self.process.stdin is not None
+        # The command travels on stdin, so only the engine's own process shows it (`pgrep -f` finds it alone).
+        # A supervisor that died first leaves a broken pipe: waiting for the engine's health reports it.
+        with contextlib.suppress(BrokenPipeError), self.process.stdin as command:
+            command.write(json.dumps(self.command).encode())
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -276,12 +283,14 @@ class EnginePool:
         if group is not None:
             group.close()
         if self.version and self.resync is not None:
+            self._stale.add(k)  # until its resync lands: a resync that raises leaves it to the next check
             self.resync([k])
 
-    def mark_stale(self, engines: Sequence[int]) -> None:
-        """Engines that missed the current weights (say restarted where no resync could run): the next
-        :meth:`healthy_or_recover` brings them up to date."""
-        self._stale.update(engines)
+    def ensure_healthy(self, resync: Resync) -> None:
+        """The protocol's check before a rollout: :meth:`healthy_or_recover` with ``resync`` (kept for the engines
+        that fail in the following :meth:`generate` calls)."""
+        self.resync = resync
+        self.healthy_or_recover()
 
     def healthy_or_recover(self) -> None:
         """Before a rollout: restart any engine whose process died or that fails its health check, and bring
@@ -292,19 +301,18 @@ class EnginePool:
                 log.warning("rollout engine %d (%s) is %s; restarting it.", k, client.base_url,
                             "dead" if dead else "not healthy")
                 self._recover(k)
-                self._stale.discard(k)
         if self._stale and self.resync is not None:
             stale, self._stale = sorted(self._stale), set()
             self.resync(stale)
 
     # -------------------------------------------------------------------------------------------- weights
-    def update_weights(self, named: Iterable[tuple[str, torch.Tensor]], version: str = "",
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str = "", *,
                        engines: Sequence[int] | None = None) -> int:
-        """Push ``named`` (HF names, full tensors) to ``engines`` (default: all) and set their weight version;
-        returns the number of tensors. Restarted engines get their resync through the disk path."""
+        """Push ``named_tensors`` (HF names, full tensors) to ``engines`` (default: all) and set their weight
+        version; returns the number of tensors. Restarted engines get their resync through the disk path."""
         targets = list(range(len(self.clients))) if engines is None else list(engines)
         self.version = version or str(int(self.version or "0") + 1)
-        stream = iter(named)
+        stream = iter(named_tensors)
         try:
             if self.weight_sync in ("disk", "shared_memory") or engines is not None:
                 count = self._push_disk(stream, targets)
@@ -322,6 +330,10 @@ class EnginePool:
         self._check_versions(targets)
         self._stale.difference_update(targets)  # they hold the current weights now
         return count
+
+    def set_weight_sync(self, mode: str) -> None:
+        """Send the next updates over ``mode`` (the trainer's fallback from ``shared_memory`` to ``distributed``)."""
+        self.weight_sync = mode
 
     def open_shared_update(self) -> list[SharedLayout]:
         """``weight_sync=shared_memory``: open a weight-update session on every engine and return where each

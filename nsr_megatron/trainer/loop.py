@@ -24,7 +24,7 @@ import torch.distributed as dist
 from nsr_megatron.evaluation import generate_and_score
 from nsr_megatron.losses import global_sums, loss_denominators, summarize_metrics
 from nsr_megatron.losses.rng import mix64_int
-from nsr_megatron.rollout import SamplingParams
+from nsr_megatron.rollout.engine import RolloutError, SamplingParams
 from nsr_megatron.telemetry.status import PhaseTimer
 from nsr_megatron.trainer import actor
 from nsr_megatron.trainer.advantages import group_advantages, informative_groups
@@ -161,11 +161,7 @@ def _start_prefetch(rt: Runtime, step: int) -> None:
     job = Prefetch(step=step, sampler_before=rt.sampler.state_dict(),
                    timer=PhaseTimer(rt.run_dir, write_status=False))
 
-    def abort(engines: list[int]) -> None:
-        from nsr_megatron.rollout.pool import EnginePool
-
-        if isinstance(rt.engine, EnginePool):
-            rt.engine.mark_stale(engines)  # the foreground rollout resyncs them
+    def abort(engines: list[int]) -> None:  # they stay stale: the foreground rollout resyncs them
         raise _PrefetchAborted(f"engines {engines} were restarted")
 
     def work() -> None:
@@ -269,27 +265,21 @@ def _announce(message: Any) -> Any:
 
 
 def _resync(rt: Runtime, step: int, engines: list[int]) -> None:
-    """On the driver, when the engine pool restarted ``engines`` mid-rollout: every rank exports the current
-    weights again and the driver pushes them to those engines only."""
-    from nsr_megatron.rollout.pool import EnginePool
-
+    """On the driver, when the engine restarted replicas ``engines`` (or they missed an update): every rank
+    exports the current weights again and the driver pushes them to those replicas only."""
+    assert rt.engine is not None, "only the driver resyncs"
     _announce(("resync", None))
-    assert isinstance(rt.engine, EnginePool)
     rt.engine.update_weights(rt.export.tensors(), version=str(step), engines=engines)
 
 
 def _sample_on_driver(rt: Runtime, step: int, phases: PhaseTimer,
                       resync: Callable[[list[int]], None] | None = None,
                       ) -> tuple[list[Sample], dict[str, float], dict[str, Any]]:
-    assert rt.engine is not None and rt.scorer is not None
+    engine = rt.engine
+    assert engine is not None and rt.scorer is not None
     cfg, G = rt.config, rt.config.rollout.samples_per_prompt
-    from nsr_megatron.rollout.pool import EnginePool
-
-    pool = rt.engine if isinstance(rt.engine, EnginePool) else None
-    if pool is not None:
-        pool.resync = resync or (lambda engines: _resync(rt, step, engines))
-        with phases("rollout"):
-            pool.healthy_or_recover()
+    with phases("rollout"):  # restart what died, resync what missed the current weights
+        engine.ensure_healthy(resync or (lambda engines: _resync(rt, step, engines)))
     params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
                             top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, stop_token_ids=rt.stop_token_ids)
     groups: list[tuple[Any, list[Any], torch.Tensor]] = []
@@ -303,7 +293,7 @@ def _sample_on_driver(rt: Runtime, step: int, phases: PhaseTimer,
     for round_ in range(cfg.algorithm.max_sampling_rounds if cfg.algorithm.dynamic_sampling else 1):
         records = [rt.dataset[i] for i in rt.sampler.next_batch()]
         gens, rewards, rstats, texts = generate_and_score(
-            rt.engine, rt.scorer, rt.tokenizer, records, params, n=G, phases=phases,
+            engine, rt.scorer, rt.tokenizer, records, params, n=G, phases=phases,
             seed=mix64_int(draws * 1_000_003 + step * 131 + round_) >> 1,
             return_routed_experts=rt.routed_experts)
         flat = [g for per_prompt in gens for g in per_prompt]
@@ -322,9 +312,9 @@ def _sample_on_driver(rt: Runtime, step: int, phases: PhaseTimer,
         if len(groups) >= cfg.rollout.prompts_per_step:
             break
     groups = groups[: cfg.rollout.prompts_per_step]
-    if pool is not None:  # (restarts in a background rollout that stopped count with the next step that samples)
-        stats["rollout/restarts"] = float(pool.restarts - rt.restarts_seen)
-        rt.restarts_seen = pool.restarts
+    # (restarts in a background rollout that stopped count with the next step that samples)
+    stats["rollout/restarts"] = float(engine.restarts - rt.restarts_seen)
+    rt.restarts_seen = engine.restarts
     stats.update({
         "reward/mean": sum(all_rewards) / max(1, len(all_rewards)),
         "response_length/mean": sum(lengths) / max(1, len(lengths)),
@@ -499,8 +489,6 @@ def sync_weights(rt: Runtime, version: int) -> None:
     """Push the policy's weights to the driver's rollout engine(s) as HF-named tensors, streamed (each tensor is
     gathered only from the ranks that hold it; every rank takes part), as weight version ``str(version)`` (the
     number of RL steps the weights have seen)."""
-    from nsr_megatron.rollout.pool import RolloutError
-
     if rt.weight_sync == "shared_memory":
         _sync_shared(rt, version)
         return
@@ -513,7 +501,7 @@ def sync_weights(rt: Runtime, version: int) -> None:
         rt.engine.resume_memory(["weights"])
     try:
         rt.engine.update_weights(named, version=str(version))
-    except RolloutError as exc:  # the pool repairs its engines before the next rollout
+    except RolloutError as exc:  # the engine repairs its replicas before the next rollout (ensure_healthy)
         log.warning("%s", exc)
 
 
@@ -522,13 +510,11 @@ def _sync_shared(rt: Runtime, version: int) -> None:
     their weights sit; each rank writes its own shards there (nothing moves between ranks); the driver then sets
     the engines' version. A rank that cannot map the engines' memory stops the run on every rank, with the reason
     (with ``auto``, every rank switches to the distributed path instead)."""
-    from nsr_megatron.rollout.pool import EnginePool, RolloutError
-
     layouts = None
-    if isinstance(rt.engine, EnginePool):
+    if rt.engine is not None:
         try:
             layouts = rt.engine.open_shared_update()
-        except RolloutError as exc:  # the pool repairs its engines before the next rollout
+        except RolloutError as exc:  # the engine repairs its replicas before the next rollout (ensure_healthy)
             log.warning("%s", exc)
     layouts = _announce(layouts)
     if layouts is None:
@@ -543,7 +529,7 @@ def _sync_shared(rt: Runtime, version: int) -> None:
         errors = [""] * dist.get_world_size()
         dist.all_gather_object(errors, error)
     failed = [e for e in errors if e]
-    if isinstance(rt.engine, EnginePool):
+    if rt.engine is not None:
         try:
             rt.engine.close_shared_update(str(version), written=not failed)
         except RolloutError as exc:
@@ -553,8 +539,8 @@ def _sync_shared(rt: Runtime, version: int) -> None:
         log.warning("rollout.weight_sync=auto: the engines' shared memory cannot be used (%s); weights go over the "
                     "distributed path from now on.", failed[0])
         rt.weight_sync = "distributed"
-        if isinstance(rt.engine, EnginePool):
-            rt.engine.weight_sync = "distributed"
+        if rt.engine is not None:
+            rt.engine.set_weight_sync("distributed")
         sync_weights(rt, version)
     elif failed:
         raise RuntimeError(failed[0])

@@ -10,7 +10,7 @@ Checks, in order:
 
 1. ``model.hf_path``: a folder with ``config.json`` of a supported architecture; the layout fits the world size;
    its weights (when the run starts from them) are complete: every shard an index lists exists and the tensors
-   match the config.
+   match the config. The rollout settings fit the backend, and a ``rollout.backend=module:Factory`` imports.
 2. ``checkpoint.resume=auto``: the newest complete checkpoint is not past ``run.steps`` and holds this model
    (another parallel layout is fine: it reshards). Without ``resume``, a run folder that already holds checkpoints
    is refused rather than overwritten. ``checkpoint.load``: exists, is complete, holds this model.
@@ -186,6 +186,10 @@ def _check_rollout(config: Config) -> None:
     import torch
 
     r = config.rollout
+    if ":" in r.backend:  # a backend of your own: it imports now, not after the models are built
+        from nsr_megatron.trainer.runtime import rollout_backend
+
+        rollout_backend(r.backend)
     if r.backend == "sglang" and r.sglang.colocate and not torch.cuda.is_available():
         raise ConfigError(
             "rollout.sglang.colocate=true shares the training GPUs with the SGLang engines (memory saver, release and "

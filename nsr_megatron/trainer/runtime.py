@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,13 +16,13 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from nsr_megatron.config import Config, RolloutConfig, to_dict
+from nsr_megatron.config import Config, ConfigError, RolloutConfig, to_dict
 from nsr_megatron.data.datasets import EpochSampler, PromptDataset
 from nsr_megatron.host_offload import HostOffload
 from nsr_megatron.models.hf_config import ArchSpec
 from nsr_megatron.parallel import ParallelState
 from nsr_megatron.rewards.scorer import RewardScorer
-from nsr_megatron.rollout.engine import RolloutEngine
+from nsr_megatron.rollout.engine import EngineSetup, RolloutEngine
 from nsr_megatron.rollout.weight_sync import SharedMappings
 from nsr_megatron.telemetry.routing import RoutingLog
 from nsr_megatron.trainer.preflight import RunInputs
@@ -110,18 +111,14 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int, sched
     return lr + (min_lr - lr) * progress
 
 
-def _embedded(config: Config, state: ParallelState, run_dir: Path) -> RolloutEngine:
+def _embedded(config: Config, run_dir: Path, device: str) -> RolloutEngine:
     from nsr_megatron.rollout import EmbeddedEngine
 
-    return EmbeddedEngine(
-        config.model.hf_path,
-        device="cuda" if state.device.type == "cuda" else "cpu",
-        dtype=torch.bfloat16 if config.model.params_dtype == "bf16" else torch.float32,
-        max_batch_size=config.rollout.max_batch_size,
-    )
+    setup = engine_setup(config, run_dir, device)
+    return EmbeddedEngine(setup.hf_path, device=setup.device, dtype=setup.dtype, max_batch_size=setup.max_batch_size)
 
 
-def _pool(config: Config, state: ParallelState, run_dir: Path) -> RolloutEngine:
+def _pool(config: Config, run_dir: Path, device: str) -> RolloutEngine:
     """Engines of the project's rollout server or of SGLang, launched here (or attached to ``rollout.urls``)."""
     import secrets
 
@@ -213,20 +210,45 @@ def wants_routed_experts(config: Config, arch: ArchSpec) -> bool:
     return arch.is_moe and (config.profile.routing != "off" or config.algorithm.routing_replay == "R3")
 
 
-# rollout.backend -> the driver rank's engine
-BACKENDS = {"embedded": _embedded, "server": _pool, "sglang": _pool}
+def engine_setup(config: Config, run_dir: Path, device: str) -> EngineSetup:
+    """What a rollout backend is built from, for the driver rank on ``device`` (``cuda`` or ``cpu``)."""
+    return EngineSetup(hf_path=config.model.hf_path, device=device,
+                       dtype=torch.bfloat16 if config.model.params_dtype == "bf16" else torch.float32,
+                       max_batch_size=config.rollout.max_batch_size, num_engines=config.rollout.num_engines,
+                       log_dir=run_dir / "engines")
+
+
+# rollout.backend -> the driver rank's engine; any other value is "module:Factory" (rollout_backend)
+BACKENDS: dict[str, Callable[[Config, Path, str], RolloutEngine]] = {
+    "embedded": _embedded, "server": _pool, "sglang": _pool}
+
+
+def rollout_backend(name: str) -> Callable[[Config, Path, str], RolloutEngine]:
+    """The builder of ``rollout.backend=name``: a built-in one, or ``module:Factory``, a class or function of your
+    own called with an :class:`~nsr_megatron.rollout.engine.EngineSetup` that returns a
+    :class:`~nsr_megatron.rollout.engine.RolloutEngine`. Raises ``ConfigError`` when it does not import."""
+    import importlib
+
+    if name in BACKENDS:
+        return BACKENDS[name]
+    module_name, _, attr = name.partition(":")
+    try:
+        factory: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            factory = getattr(factory, part)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"rollout.backend={name!r}: cannot import {attr!r} from {module_name!r} ({exc}); is the "
+                          "module on PYTHONPATH?") from exc
+    if not callable(factory):
+        raise ConfigError(f"rollout.backend={name!r} is a {type(factory).__name__}, not a class or function that "
+                          "takes an EngineSetup.")
+    return lambda config, run_dir, device: factory(engine_setup(config, run_dir, device))
 
 
 def standalone_engine(config: Config, run_dir: Path) -> RolloutEngine:
     """The engine of ``rollout.backend`` outside a training run (``nsr-megatron eval``): on this process's device,
     engines it launches logging under ``run_dir``."""
-    if config.rollout.backend == "embedded":
-        from nsr_megatron.rollout import EmbeddedEngine
-
-        return EmbeddedEngine(config.model.hf_path, device="cuda" if torch.cuda.is_available() else "cpu",
-                              dtype=torch.bfloat16 if config.model.params_dtype == "bf16" else torch.float32,
-                              max_batch_size=config.rollout.max_batch_size)
-    return _pool(config, None, run_dir)  # type: ignore[arg-type]  # the pool needs no process group
+    return rollout_backend(config.rollout.backend)(config, run_dir, "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _write_resolved_config(config: Config, run_dir: Path) -> None:
@@ -307,7 +329,8 @@ def build_runtime(config: Config, inputs: RunInputs, *, world_size: int) -> Runt
         eval_dataset=inputs.eval_dataset,
         sampler=sampler,
         scorer=RewardScorer(config.reward) if state.rank == 0 else None,
-        engine=BACKENDS[config.rollout.backend](config, state, run_dir) if state.rank == 0 else None,
+        engine=(rollout_backend(config.rollout.backend)(config, run_dir, "cuda" if state.device.type == "cuda"
+                                                        else "cpu") if state.rank == 0 else None),
         policy=policy,
         export=HFExport(policy.module, arch),
         reference=reference,
