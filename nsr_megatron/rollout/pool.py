@@ -328,7 +328,6 @@ class EnginePool:
             raise RolloutError(f"the weight update to version {self.version} failed ({exc}); the engines are brought "
                                "to the current weights before the next rollout.") from exc
         self._check_versions(targets)
-        self._stale.difference_update(targets)  # they hold the current weights now
         return count
 
     def set_weight_sync(self, mode: str) -> None:
@@ -375,12 +374,25 @@ class EnginePool:
         self._check_versions(range(len(self.clients)))
 
     def _check_versions(self, engines: Iterable[int]) -> None:
-        """Raise :class:`RolloutError` unless each of ``engines`` reports the pool's weight version."""
+        """Ask each of ``engines`` for its weight version after an update. One that reports another version, or
+        does not answer (it may have died right after the update), counts as stale and is brought to the current
+        weights before the next rollout; then :class:`RolloutError` says which (the trainer goes on)."""
+        problems = []
         for k in engines:
-            got = self.clients[k].weight_version()
+            try:
+                got = self.clients[k].weight_version()
+            except EngineError as exc:
+                problems.append(f"engine {k} did not answer ({exc})")
+                self._stale.add(k)
+                continue
             if got != self.version:
-                raise RolloutError(f"rollout engine {k} reports weight_version {got!r} after the update to "
-                                   f"{self.version!r}.")
+                problems.append(f"engine {k} reports weight_version {got!r}")
+                self._stale.add(k)
+            else:
+                self._stale.discard(k)  # it holds the current weights now
+        if problems:
+            raise RolloutError(f"after the weight update to {self.version!r}: {'; '.join(problems)}; those engines "
+                               "are brought to the current weights before the next rollout.")
 
     @staticmethod
     def _end_sessions(clients: Sequence[HttpEngine]) -> None:

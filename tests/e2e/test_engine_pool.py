@@ -119,6 +119,31 @@ def test_a_killed_engine_is_restarted_resynced_and_its_prompts_sent_again(pool: 
         pool.generate(PROMPTS, PARAMS, n=2, seed=4)
 
 
+def test_an_engine_that_dies_right_after_an_update_is_stale_not_fatal(pool: EnginePool,
+                                                                    models: dict[str, Path]) -> None:
+    """An engine killed between its weight update and the version check (``bench/soak.py`` found it): the check
+    raises :class:`RolloutError` (which the trainer logs and goes on from), not the client's error, and the
+    engine is restarted and resynced before the next rollout."""
+    pool.weight_sync = "disk"
+    pool.update_weights(hf_tensors(models["b"]), version="5")
+    resynced: list[list[int]] = []
+
+    def resync(engines: list[int]) -> None:
+        resynced.append(engines)
+        pool.update_weights(hf_tensors(models["b"]), version="5", engines=engines)
+
+    process = pool.launchers[1].process
+    assert process is not None
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    with pytest.raises(RolloutError, match=r"engine 1 did not answer.*brought to the current weights"):
+        pool._check_versions([0, 1])  # what update_weights and close_shared_update end with
+    pool.ensure_healthy(resync)
+    assert pool.restarts == 1 and resynced == [[1]] and pool.clients[1].weight_version() == "5"
+    assert same(pool.generate(PROMPTS, PARAMS, n=2, seed=4), EmbeddedEngine(models["b"]).generate(PROMPTS, PARAMS,
+                                                                                                  n=2, seed=4))
+
+
 def _write_all(views: list[dict[str, torch.Tensor]], named: Iterator[tuple[str, torch.Tensor]]) -> None:
     for name, t in named:
         for v in views:
