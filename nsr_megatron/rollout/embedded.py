@@ -475,9 +475,6 @@ class EmbeddedEngine:
         """Whether :meth:`share_weights` moved the weights into shared memory."""
         return self._shared is not None
 
-    def flush_cache(self) -> None:
-        """No-op: the engine keeps no KV or prefix cache between ``generate`` calls (each call builds its own)."""
-
     # ------------------------------------------------------------------ health and transports (the protocol)
 
     @property

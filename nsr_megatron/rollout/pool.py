@@ -214,10 +214,6 @@ class EnginePool:
             where = f"; its log: {launcher.log_path}" if launcher and launcher.log_path else ""
             raise RolloutError(f"rollout engine {k} did not start: {exc}{where}") from None
 
-    def flush_cache(self) -> None:
-        for client in self.clients:
-            client.flush_cache()
-
     def release_memory(self, tags: list[str] | None = None) -> None:
         """Colocated engines give their GPU memory back to training: ``tags`` (``weights``, ``kv_cache``), or all
         of it (None)."""
