@@ -453,25 +453,48 @@ def _no_prompts(config: Config) -> bool:
     return config.data.source == "file" and not config.data.path
 
 
+def _quickstart_model(config: Config, root: Path) -> Path:
+    """The quickstart's tiny random HF checkpoint (with the synthetic tokenizer) at ``root/hf-init``: rank 0 makes
+    it once, atomically; the other ranks wait for it."""
+    from nsr_megatron.data.tokenizer import save_synthetic_tokenizer
+    from nsr_megatron.models.tiny import create_tiny_hf_checkpoint
+
+    hf_dir = root / "hf-init"
+    if _rank() == 0 and not (hf_dir / "config.json").exists():
+        tmp = root / f".tmp-hf-init-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        create_tiny_hf_checkpoint(tmp, seed=config.run.seed, **config.model.tiny)
+        save_synthetic_tokenizer(tmp)
+        try:
+            os.replace(tmp, hf_dir)
+        except OSError:  # made meanwhile by another process: keep that one
+            shutil.rmtree(tmp, ignore_errors=True)
+    _wait_for(hf_dir / "config.json")
+    return hf_dir
+
+
+def model_path(config_arg: str, overrides: list[str]) -> str:
+    """The HF model folder that ``train --config CONFIG_ARG OVERRIDES`` (or ``quickstart OVERRIDES`` when
+    CONFIG_ARG is ``quickstart``) starts from, for tools that must load the model before the trainer starts
+    (examples/slurm/train.sbatch's dedicated engines). The quickstart's generated model is made now, in the run
+    directory, where the trainer finds and keeps it."""
+    config: Config = load_config(task_config("echo") if config_arg == "quickstart" else config_arg, overrides)
+    if config.model.hf_path:
+        return config.model.hf_path
+    if config_arg != "quickstart":
+        raise ConfigError(f"{config_arg} sets no model.hf_path: name the HF model folder the run starts from.")
+    return str(_quickstart_model(config, Path(config.run.run_dir)))
+
+
 def prepare_quickstart(config: Config, *, task: str, num_prompts: int, where: Path | None = None) -> Config:
     """Fill in what the quickstart generates: a tiny random HF checkpoint (with the synthetic tokenizer)
     and a synthetic task's JSONL, in ``where`` (default: the run directory); with ``eval.data: generate`` also a
     held-out set of the task (another seed). Rank 0 writes them atomically; the other ranks wait for them."""
     from nsr_megatron.data.synthetic import generate
-    from nsr_megatron.data.tokenizer import save_synthetic_tokenizer
-    from nsr_megatron.models.tiny import create_tiny_hf_checkpoint
 
     root = where if where is not None else Path(config.run.run_dir)
     if not config.model.hf_path:
-        hf_dir = root / "hf-init"
-        if _rank() == 0 and not (hf_dir / "config.json").exists():
-            tmp = root / ".tmp-hf-init"
-            shutil.rmtree(tmp, ignore_errors=True)
-            create_tiny_hf_checkpoint(tmp, seed=config.run.seed, **config.model.tiny)
-            save_synthetic_tokenizer(tmp)
-            os.replace(tmp, hf_dir)
-        _wait_for(hf_dir / "config.json")
-        config.model.hf_path = str(hf_dir)
+        config.model.hf_path = str(_quickstart_model(config, root))
     if config.data.source == "file" and not config.data.path:
         data = root / "data" / f"{task}.jsonl"
         _write_once(data, generate(task, num_prompts, seed=config.data.seed))

@@ -50,6 +50,7 @@ import hmac
 import json
 import logging
 import os
+import socket
 import threading
 import time
 import uuid
@@ -592,7 +593,8 @@ def main(argv: list[str] | None = None) -> None:
     engine = EmbeddedEngine(args.model_path, dtype=getattr(torch, args.dtype), device=args.device,
                             max_batch_size=args.max_batch_size)
     server = RolloutServer(engine, host=args.host, port=args.port, api_token=args.api_key, model_path=args.model_path)
-    logger.info("rollout server on %s (ready in %.1f s)", server.url, time.monotonic() - start)
+    logger.info("rollout server on %s, host %s (ready in %.1f s)", server.url, socket.gethostname(),
+                time.monotonic() - start)
     try:
         server.httpd.serve_forever()
     finally:
