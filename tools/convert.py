@@ -61,7 +61,7 @@ def _size(text: str) -> int:
 def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     """A ``step_*`` folder as given, or the newest complete one under a checkpoint root."""
     from nsr_megatron.convert import ConvertError
-    from nsr_megatron.trainer.checkpoint import META_FILE, latest_checkpoint
+    from nsr_megatron.convert.io import META_FILE, latest_checkpoint
 
     p = Path(path)
     if (p / META_FILE).is_file() or (p / ".metadata").is_file():
@@ -133,13 +133,13 @@ def _tokens(vocab: int, batch: int, seq: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def _hf_logits(hf_dir: str, tokens: torch.Tensor) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
+def _hf_logits(hf_dir: str, hf_class: str, tokens: torch.Tensor) -> torch.Tensor:
+    import transformers
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+    model = getattr(transformers, hf_class).from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
     model.to(device).eval()
     with torch.no_grad():
         return model(tokens.to(device)).logits.float().cpu()  # [B, S, V]
@@ -157,18 +157,19 @@ def compare_logits(got: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
 def verify_worker(
     rank: int, world: int, init_method: str | None, opts: dict[str, Any]
 ) -> dict[str, Any] | None:
-    """One process of ``verify``: build the model under the layout, load the checkpoint, run the
-    tokens; the reporting rank (last stage, first TP / DP rank) then runs the HF model and compares."""
+    """One process of ``verify``: build the model under the layout (the model provider), load its shards of the
+    checkpoint (the converter), run the tokens; the reporting rank (last stage, first TP / DP rank) then runs the
+    HF model (its family's class) and compares."""
     _quiet()
     import torch.distributed as dist
     from megatron.core import parallel_state as mpu
 
     from nsr_megatron import parallel
     from nsr_megatron.config import ModelConfig, ParallelConfig, read_hf_config
+    from nsr_megatron.convert.sharded import load_mcore_sharded
+    from nsr_megatron.models.families import family
     from nsr_megatron.models.hf_config import arch_from_hf, validate_layout
-    from nsr_megatron.models.provider import build_model
-    from nsr_megatron.trainer import actor
-    from nsr_megatron.trainer.checkpoint import load_checkpoint
+    from nsr_megatron.models.provider import build_model, forward_logits
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     par = ParallelConfig(**opts["layout"])
@@ -178,9 +179,9 @@ def verify_worker(
     parallel.initialize(par, seed=opts["seed"], rank=rank, world_size=world, init_method=init_method)
     try:
         bundle = build_model(arch, model=model_cfg, parallel=par, role="reference")
-        load_checkpoint(opts["ckpt"], bundle.module)
+        load_mcore_sharded(bundle.module, arch, opts["ckpt"])
         tokens = _tokens(arch.vocab_size, opts["batch"], opts["seq_len"], opts["seed"])
-        logits = actor.forward_logits(bundle, [{"tokens": tokens}])
+        logits = forward_logits(bundle, tokens)
         del bundle
         reporter = (
             logits is not None
@@ -190,7 +191,7 @@ def verify_worker(
         result = None
         if reporter:
             assert logits is not None
-            result = compare_logits(logits[0].cpu(), _hf_logits(opts["hf_dir"], tokens))
+            result = compare_logits(logits.cpu(), _hf_logits(opts["hf_dir"], family(arch.model_type).hf_class, tokens))
             result["failed"] = (
                 result["max_logit_diff"] > opts["tol"] or result["max_logprob_diff"] > opts["tol"]
             )

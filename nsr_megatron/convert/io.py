@@ -25,6 +25,7 @@ import io
 import json
 import os
 import queue
+import re
 import shutil
 import struct
 import threading
@@ -36,7 +37,8 @@ from typing import Any
 
 import torch
 
-from nsr_megatron.convert.mapping import ConvertError, Piece, Shape, TensorRule
+from nsr_megatron.convert.mapping import ConvertError
+from nsr_megatron.models.rules import Piece, Shape, TensorRule
 
 __all__ = [
     "DistCheckpointReader",
@@ -44,7 +46,9 @@ __all__ = [
     "SafetensorsWriter",
     "commit_checkpoint_dir",
     "copy_hf_side_files",
+    "complete_checkpoints",
     "fsync_files",
+    "latest_checkpoint",
     "read_safetensors_header",
     "write_dist_checkpoint",
     "write_hf_index",
@@ -565,6 +569,23 @@ def write_dist_checkpoint(
     torch.save({}, directory / MCORE_COMMON_FILE)
     with open(directory / MCORE_CONFIG_FILE, "w", encoding="utf-8") as f:
         json.dump(MCORE_CONFIG, f)
+
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The complete ``step_*`` folders under ``root`` (with their ``nsr_meta.json``), oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / META_FILE).is_file()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def latest_checkpoint(root: str | os.PathLike[str]) -> Path | None:
+    """The newest complete checkpoint under ``root`` (half-written ``.tmp-*`` folders never count)."""
+    found = complete_checkpoints(Path(root))
+    return found[-1] if found else None
 
 
 def commit_checkpoint_dir(tmp: Path, final: Path, info: dict[str, Any]) -> Path:

@@ -3,18 +3,15 @@
 A rank's model holds *shards* of the canonical tensors (:mod:`.mapping`): a block ``[offset, offset + shape)`` of
 each, given by megatron's sharded state dict (tensor-parallel rows or columns, a PP stage's layers, an EP rank's
 experts, the gate and up halves of SwiGLU). :func:`read_canonical_block` builds such a block from the HF tensors
-through the same rules the converter uses, reading only the rows (and columns) the block needs:
-
-- ``copy`` / ``experts_down``: the block's rows and columns of the one HF tensor;
-- ``gate_up`` / ``experts_gate_up``: ``[gate; up]``, so a row range reads the part of ``gate`` and of ``up`` it covers;
-- ``qkv``: megatron's rows are grouped per query group (``[q_g; k_g; v_g]``), so a row range reads the query, key
-  and value rows of the groups it touches;
-- the leading layer axis (stacked dense layers) or expert axis picks which HF tensors are read at all.
+through the same rules the converter uses, reading only the rows (and columns) the block needs: each rule's kind
+(:mod:`nsr_megatron.models.rules`) knows which HF rows a range of its rows comes from (``[gate; up]`` halves,
+``qkv`` query groups), and the leading layer axis (stacked dense layers) or expert axis picks which HF tensors are
+read at all.
 
 Replicated tensors (norms; attention under expert parallelism) are read whole by every rank that holds them. The
 result equals a full load bitwise; :attr:`HFCheckpoint.bytes_read` counts what was read.
 
-Legend: R rows, C columns of an HF tensor; G query groups, D head_dim.
+Legend: R rows of a block.
 """
 
 from __future__ import annotations
@@ -25,41 +22,28 @@ from pathlib import Path
 
 import torch
 
-from nsr_megatron.convert.io import HFCheckpoint
-from nsr_megatron.convert.mapping import ConvertError, Piece, TensorRule, weight_rules
+from nsr_megatron.convert.io import DistCheckpointReader, HFCheckpoint
+from nsr_megatron.convert.mapping import (
+    ConvertError,
+    Piece,
+    TensorRule,
+    check_canonical_tensors,
+    uses_stacked_layers,
+    weight_rules,
+)
 from nsr_megatron.models.hf_config import ArchSpec
 
-__all__ = ["HFExport", "load_hf_sharded", "read_canonical_block", "read_hf_canonical", "write_canonical_block"]
+__all__ = ["HFExport", "load_hf_sharded", "load_mcore_sharded", "read_canonical_block", "read_hf_canonical",
+           "write_canonical_block"]
 
 
 def _inner_block(rule: TensorRule, piece: Piece, ckpt: HFCheckpoint, offset: tuple[int, ...],
                  shape: tuple[int, ...]) -> torch.Tensor:
     """Rows ``[offset[0], +shape[0])`` (and columns, for 2-D) of one layer's / expert's tensor of ``rule``."""
-    names = [rule.hf_names[j] for j in piece.hf_index]
-    r0, r1 = offset[0], offset[0] + shape[0]
+    rows = slice(offset[0], offset[0] + shape[0])
     cols = slice(offset[1], offset[1] + shape[1]) if len(shape) > 1 else None
-    if rule.kind in ("copy", "experts_down"):
-        return ckpt.read_block(names[0], slice(r0, r1), cols)
-    if rule.kind in ("gate_up", "experts_gate_up"):
-        half = rule.hf_shapes[piece.hf_index[0]][0]  # F: [gate (F rows); up (F rows)]
-        parts = []
-        if r0 < half:
-            parts.append(ckpt.read_block(names[0], slice(r0, min(r1, half)), cols))
-        if r1 > half:
-            parts.append(ckpt.read_block(names[1], slice(max(r0, half) - half, r1 - half), cols))
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
-    if rule.kind == "qkv":
-        per, D = rule.heads_per_group, rule.head_dim
-        size = (per + 2) * D  # rows of one query group
-        g0, g1 = r0 // size, -(-r1 // size)  # the groups the rows touch
-        q = ckpt.read_block(names[0], slice(g0 * per * D, g1 * per * D), cols)  # [(g1-g0)*per*D, C]
-        k = ckpt.read_block(names[1], slice(g0 * D, g1 * D), cols)
-        v = ckpt.read_block(names[2], slice(g0 * D, g1 * D), cols)
-        rest = q.shape[1:]
-        n = g1 - g0
-        grouped = torch.cat([q.reshape(n, per * D, *rest), k.reshape(n, D, *rest), v.reshape(n, D, *rest)], dim=1)
-        return grouped.reshape(n * size, *rest)[r0 - g0 * size : r1 - g0 * size]
-    raise AssertionError(rule.kind)
+    return rule.kind.read_rows(ckpt.read_block, [rule.hf_names[j] for j in piece.hf_index],
+                               [rule.hf_shapes[j] for j in piece.hf_index], rows, cols)
 
 
 def read_canonical_block(rule: TensorRule, ckpt: HFCheckpoint, offset: tuple[int, ...],
@@ -81,8 +65,6 @@ def _write_inner(rule: TensorRule, piece: Piece, views: Mapping[str, torch.Tenso
                  block: torch.Tensor) -> None:
     """Copy ``block`` (rows ``[offset[0], +R)``, and columns for 2-D, of one layer's / expert's canonical tensor)
     into the HF tensors of ``rule`` in ``views``: the inverse of :func:`_inner_block`."""
-    names = [rule.hf_names[j] for j in piece.hf_index]
-    r0, r1 = offset[0], offset[0] + block.shape[0]
     cols = (slice(offset[1], offset[1] + block.shape[1]),) if block.dim() > 1 else ()
 
     def put(name: str, lo: int, hi: int, src: torch.Tensor) -> None:  # rows [lo, hi) of HF tensor ``name``
@@ -91,26 +73,8 @@ def _write_inner(rule: TensorRule, piece: Piece, views: Mapping[str, torch.Tenso
             raise ConvertError(f"the weights to write into lack {name} (the engine and the model disagree).")
         dest[(slice(lo, hi), *cols)].copy_(src)
 
-    if rule.kind in ("copy", "experts_down"):
-        put(names[0], r0, r1, block)
-    elif rule.kind in ("gate_up", "experts_gate_up"):
-        half = rule.hf_shapes[piece.hf_index[0]][0]  # F: [gate (F rows); up (F rows)]
-        if r0 < half:
-            put(names[0], r0, min(r1, half), block[: min(r1, half) - r0])
-        if r1 > half:
-            put(names[1], max(r0, half) - half, r1 - half, block[max(r0, half) - r0 :])
-    elif rule.kind == "qkv":
-        per, D = rule.heads_per_group, rule.head_dim
-        size = (per + 2) * D  # rows of one query group: [q (per*D); k (D); v (D)]
-        for g in range(r0 // size, -(-r1 // size)):
-            for name, lo, hi, hf0 in ((names[0], 0, per * D, g * per * D), (names[1], per * D, (per + 1) * D, g * D),
-                                      (names[2], (per + 1) * D, size, g * D)):
-                a, b = max(r0, g * size + lo), min(r1, g * size + hi)  # canonical rows of this part in the block
-                if a < b:
-                    start = hf0 + a - (g * size + lo)
-                    put(name, start, start + b - a, block[a - r0 : b - r0])
-    else:
-        raise AssertionError(rule.kind)
+    rule.kind.write_rows(put, [rule.hf_names[j] for j in piece.hf_index], [rule.hf_shapes[j] for j in piece.hf_index],
+                         slice(offset[0], offset[0] + block.shape[0]), block)
 
 
 def write_canonical_block(rule: TensorRule, views: Mapping[str, torch.Tensor], offset: tuple[int, ...],
@@ -161,6 +125,35 @@ def load_hf_sharded(model: torch.nn.Module, arch: ArchSpec, hf_dir: str | os.Pat
         ckpt.close()
     return {"bytes_read": ckpt.bytes_read, "shards": shards}
 
+
+@torch.no_grad()
+def load_mcore_sharded(model: torch.nn.Module, arch: ArchSpec, step_dir: str | os.PathLike[str]) -> int:
+    """Copy this rank's shards of ``model`` (megatron, any layout) from the dist checkpoint in ``step_dir`` (saved
+    under any layout, or converted), reading only the blocks they cover. The weights only: what a frozen model needs.
+    Returns the number of shards written. Needs no collective."""
+    from nsr_megatron.models.state import iter_sharded_tensors
+
+    path = Path(step_dir)
+    reader = DistCheckpointReader(path)
+    rules = weight_rules(arch, stacked_layers=uses_stacked_layers(reader.shapes()))
+    stored = check_canonical_tensors(rules, reader.shapes(), where=f"checkpoint {path}")
+    for r in rules:
+        stored.update(dict.fromkeys(r.aliases, stored[r.key]))
+    if arch.tie_word_embeddings:  # a last pipeline stage holds its own copy of the tied embedding
+        stored["output_layer.weight"] = stored["embedding.word_embeddings.weight"]
+    shards = list(iter_sharded_tensors(model))
+    requests = []
+    for sh in shards:
+        if sh.key not in stored:
+            raise ConvertError(f"the model holds {sh.key}, which checkpoint {path} does not hold (its layers are keyed "
+                               f"{'stacked' if uses_stacked_layers(reader.shapes()) else 'one by one'}); convert it "
+                               "again with the default layer keys.")
+        requests.append((stored[sh.key], tuple(sh.global_offset), (1,) * sh.prepend_axis_num + tuple(sh.local_shape)))
+    unique = list(dict.fromkeys(requests))  # a tensor two modules share is one block
+    blocks = dict(zip(unique, reader.load(unique), strict=True))  # one read of this rank's blocks
+    for sh, request in zip(shards, requests, strict=True):
+        sh.data.copy_(blocks[request].reshape(sh.data.shape))
+    return len(shards)
 
 
 def read_hf_canonical(hf_dir: str | os.PathLike[str], arch: ArchSpec) -> dict[str, torch.Tensor]:

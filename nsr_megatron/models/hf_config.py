@@ -1,111 +1,28 @@
 """Hugging Face ``config.json`` -> architecture description -> megatron-core ``TransformerConfig``.
 
-Supported architectures (``model_type``): ``qwen2`` (Qwen2 / Qwen2.5: qkv bias), ``qwen3`` (q/k
-RMSNorm, ``head_dim`` may differ from hidden/heads) and ``qwen3_moe`` (Qwen3 attention plus a
-softmax top-k router over per-expert SwiGLU MLPs, ``norm_topk_prob`` either way).
+The model family of the config's ``model_type`` (:mod:`nsr_megatron.models.families`) reads the config and decides
+the fields that are the family's; this module checks the parallel layout against the result and adds the layout,
+precision and run options.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from nsr_megatron.config import ConfigError, ModelConfig, ParallelConfig
+from nsr_megatron.models.arch import ArchSpec
+from nsr_megatron.models.families import family
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "qwen3_moe")
-
-
-@dataclass(frozen=True, kw_only=True)
-class ArchSpec:
-    """The subset of an HF config that decides the megatron model (all sizes are global, unsharded)."""
-
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    ffn_hidden_size: int
-    rms_norm_eps: float
-    rope_theta: float
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    qkv_bias: bool
-    qk_norm: bool
-    init_std: float
-    num_experts: int = 0  # 0 = dense
-    moe_ffn_hidden_size: int = 0
-    moe_topk: int = 0
-    norm_topk_prob: bool = True
-    moe_layers: tuple[bool, ...] = ()  # per layer: True = MoE MLP, False = dense MLP
-
-    @property
-    def is_moe(self) -> bool:
-        return self.num_experts > 0
+__all__ = ["ArchSpec", "arch_from_hf", "transformer_config", "validate_layout"]
 
 
 def arch_from_hf(hf: dict[str, Any]) -> ArchSpec:
-    """Read an HF config dict; refuse what this project cannot build exactly."""
-    model_type = str(hf.get("model_type", ""))
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(
-            f"model_type={model_type!r} is not supported; supported architectures: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)} (Qwen2 / Qwen2.5, Qwen3, Qwen3-MoE)."
-        )
-    rope_scaling = hf.get("rope_scaling")
-    if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default"):
-        raise ConfigError(f"rope_scaling={rope_scaling!r} is not supported yet; only plain RoPE (rope_scaling: null).")
-    if hf.get("use_sliding_window") and hf.get("sliding_window"):
-        raise ConfigError(
-            "use_sliding_window=true is not supported; set use_sliding_window=false in config.json "
-            "(Qwen checkpoints ship it disabled)."
-        )
-    if model_type in ("qwen3", "qwen3_moe") and hf.get("attention_bias"):
-        raise ConfigError(
-            f"attention_bias=true with model_type={model_type!r} (biases on q/k/v and o_proj) is not supported: the "
-            "output projection has no bias in megatron's layer spec here; use a checkpoint with attention_bias=false."
-        )
-    hidden = int(hf["hidden_size"])
-    heads = int(hf["num_attention_heads"])
-    layers = int(hf["num_hidden_layers"])
-    head_dim = int(hf.get("head_dim") or hidden // heads)
-    rope_theta = hf.get("rope_theta")
-    if rope_theta is None:
-        rope_theta = (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-    # transformers 5 writes num_local_experts where 4.x wrote num_experts.
-    experts = int(hf.get("num_experts") or hf.get("num_local_experts") or 0) if model_type == "qwen3_moe" else 0
-    moe_layers: tuple[bool, ...] = ()
-    if experts:
-        sparse_step = int(hf.get("decoder_sparse_step", 1) or 1)
-        dense_only = set(hf.get("mlp_only_layers") or [])
-        moe_layers = tuple(i not in dense_only and (i + 1) % sparse_step == 0 for i in range(layers))
-    return ArchSpec(
-        model_type=model_type,
-        vocab_size=int(hf["vocab_size"]),
-        hidden_size=hidden,
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-        head_dim=head_dim,
-        ffn_hidden_size=int(hf.get("intermediate_size") or 4 * hidden),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(rope_theta),
-        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=model_type == "qwen2",
-        qk_norm=model_type in ("qwen3", "qwen3_moe"),
-        init_std=float(hf.get("initializer_range", 0.02)),
-        num_experts=experts,
-        moe_ffn_hidden_size=int(hf.get("moe_intermediate_size") or 0),
-        moe_topk=int(hf.get("num_experts_per_tok") or 0),
-        norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
-        moe_layers=moe_layers,
-    )
+    """Read an HF config dict through its family; refuse what this project cannot build exactly (an unknown
+    ``model_type`` names the supported families)."""
+    return family(str(hf.get("model_type", ""))).arch(hf)
 
 
 def _divisors(n: int) -> list[int]:
@@ -218,13 +135,6 @@ def transformer_config(arch: ArchSpec, model: ModelConfig, parallel: ParallelCon
         num_query_groups=arch.num_kv_heads,
         kv_channels=arch.head_dim,
         ffn_hidden_size=arch.ffn_hidden_size,
-        normalization="RMSNorm",
-        layernorm_epsilon=arch.rms_norm_eps,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=arch.qkv_bias,
-        qk_layernorm=arch.qk_norm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=arch.init_std,
@@ -250,15 +160,9 @@ def transformer_config(arch: ArchSpec, model: ModelConfig, parallel: ParallelCon
         recompute_method="uniform" if model.recompute == "full" else None,
         recompute_num_layers=1 if model.recompute == "full" else None,
     )
+    kwargs.update(family(arch.model_type).transformer_fields(arch))
     if arch.is_moe:
         kwargs.update(
-            num_moe_experts=arch.num_experts,
-            moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
-            moe_router_topk=arch.moe_topk,
-            # norm_topk_prob=True: softmax over the top-k logits == renormalised top-k probs.
-            # norm_topk_prob=False: softmax over all experts, then take the top-k probs as they are.
-            moe_router_pre_softmax=not arch.norm_topk_prob,
-            moe_router_score_function="softmax",
             moe_router_dtype=model.moe_router_dtype,
             moe_router_load_balancing_type="aux_loss" if model.moe_aux_loss_coeff > 0 else "none",
             moe_aux_loss_coeff=model.moe_aux_loss_coeff,

@@ -37,7 +37,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from nsr_megatron.models.hf_config import ArchSpec
+from nsr_megatron.models.arch import ArchSpec
+from nsr_megatron.models.families import family
 
 GiB = 1024**3
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -103,14 +104,15 @@ class ParamCounts:
 
 
 def count_parameters(arch: ArchSpec) -> ParamCounts:
-    h, d = arch.hidden_size, arch.head_dim
-    q, kv = arch.num_heads * d, arch.num_kv_heads * d
-    attention = h * q + 2 * h * kv + q * h + (q + 2 * kv if arch.qkv_bias else 0)
-    norms = 2 * h + (2 * d if arch.qk_norm else 0)
-    dense_mlp = 3 * h * arch.ffn_hidden_size
-    one_expert = 3 * h * arch.moe_ffn_hidden_size
+    """The model's parameters, from its family's per-layer counts."""
+    fam = family(arch.model_type)
+    h = arch.hidden_size
+    attention = fam.attention_parameters(arch)
+    norms = fam.norm_parameters(arch)
+    dense_mlp = fam.dense_mlp_parameters(arch)
+    one_expert = fam.expert_parameters(arch)
     experts = arch.num_experts * one_expert
-    router = h * arch.num_experts
+    router = fam.router_parameters(arch)
     embedding = arch.vocab_size * h
     output = 0 if arch.tie_word_embeddings else arch.vocab_size * h
     moe_layers = sum(arch.moe_layers) if arch.is_moe else 0
@@ -276,35 +278,12 @@ def _logits_bytes(arch: ArchSpec, layout: Layout, tokens: int, pbytes: int, fuse
 def _activations(arch: ArchSpec, layers: list[int], layout: Layout, tokens: int, *, fp8: bool,
                  in_flight: int, act_bytes: int = 2, te: bool = True) -> tuple[float, float]:
     """(without recompute, with full recompute) activation bytes of one pipeline stage."""
-    h, d = arch.hidden_size, arch.head_dim
-    q, kv = arch.num_heads * d, arch.num_kv_heads * d
-    a = act_bytes  # bytes of an activation (the parameters' dtype)
+    fam = family(arch.model_type)
+    h, a = arch.hidden_size, act_bytes  # bytes of an activation (the parameters' dtype)
     g = 1 if fp8 else a  # bytes of a saved GEMM input
-    tp = layout.tp
     sp = layout.tp if layout.sequence_parallel else 1
-    # Per token, per layer. Norm inputs and the residual stream are sequence-parallel (/SP); everything inside
-    # attention and the MLP is split over TP.
-    # TE's fused norms keep their input (and a per-token rstd); megatron's local path (torch RMSNorm, as on CPU)
-    # also keeps the normalized output, and the q/k norms' input and output.
-    norms = (2 if te else 4) * h * a / sp + (0 if te or not arch.qk_norm else 2 * (q + kv) * a / tp)
-    attn = (h * g / sp  # QKV GEMM input (gathered under SP, saved sharded)
-            + (q + 2 * kv) * a / tp  # Q, K, V after RoPE
-            + q * a / tp + 4 * arch.num_heads / tp  # attention output and log-sum-exp (flash)
-            + q * g / tp)  # output-projection input
-    per_layer = []
-    for layer in layers:
-        # megatron's local SwiGLU (silu(gate) * up in torch) also keeps silu(gate) for the product's backward; TE's
-        # fused SwiGLU keeps only its input
-        glu = 0 if te else (arch.moe_ffn_hidden_size if arch.is_moe and arch.moe_layers[layer] else arch.ffn_hidden_size) * a
-        if arch.is_moe and arch.moe_layers[layer]:
-            k, f = arch.moe_topk, arch.moe_ffn_hidden_size
-            mlp = (h * a / sp + arch.num_experts * 4  # router input and probabilities
-                   + k * (h * g + 2 * f * a + f * g + glu) / layout.etp  # per routed copy: fc1 input, fc1 out, fc2 input
-                   + k * h * a)  # the experts' outputs, kept for the probability-weighted combine
-        else:
-            f = arch.ffn_hidden_size
-            mlp = h * g / sp + (2 * f * a + f * g + glu) / tp
-        per_layer.append(norms + attn + mlp)
+    per_layer = [fam.layer_activations(arch, layer, act_bytes=a, gemm_bytes=g, tp=layout.tp, sp=sp, etp=layout.etp,
+                                       te=te) for layer in layers]  # per token
     full = tokens * sum(per_layer) * in_flight
     recompute = tokens * (len(layers) * h * a / sp * in_flight + max(per_layer))
     return full, recompute

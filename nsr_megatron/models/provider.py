@@ -16,11 +16,11 @@ import torch
 
 from nsr_megatron.config import ConfigError, ModelConfig, OptimizerConfig, ParallelConfig
 from nsr_megatron.host_offload import HostOffload
+from nsr_megatron.models.families import family
 from nsr_megatron.models.hf_config import ArchSpec, transformer_config
-from nsr_megatron.models.norm import RMSNorm
 
-__all__ = ["ModelBundle", "build_model", "fuse_torch_adam", "layer_specs", "reload_main_params", "use_transformer_engine",
-           "validate_optimizer"]
+__all__ = ["ModelBundle", "build_model", "forward_logits", "fuse_torch_adam", "gather_vocab", "layer_specs",
+           "reload_main_params", "use_transformer_engine", "validate_optimizer"]
 
 
 def use_transformer_engine(model: ModelConfig) -> bool:
@@ -285,48 +285,9 @@ def _reload_main_params_at_first_step(optimizer: Any) -> None:
     optimizer.step = first_step
 
 
-def _local_layer_spec(arch: ArchSpec, moe: bool) -> Any:
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
-    from nsr_megatron.models.attention import SDPAttention
-
-    spec = get_gpt_layer_local_spec(
-        num_experts=arch.num_experts if moe else None,
-        moe_grouped_gemm=False,
-        qk_layernorm=arch.qk_norm,
-        normalization="RMSNorm",
-    )
-    # WrappedTorchNorm refuses sequence parallelism; swap in our RMSNorm (same maths as HF's).
-    sub = spec.submodules
-    sub.input_layernorm = RMSNorm
-    sub.pre_mlp_layernorm = RMSNorm
-    attn = sub.self_attention.submodules
-    attn.core_attention = SDPAttention  # megatron's local attention through torch's fused SDPA
-    if arch.qk_norm:
-        attn.q_layernorm = RMSNorm
-        attn.k_layernorm = RMSNorm
-    return spec
-
-
-def _te_layer_spec(arch: ArchSpec, moe: bool, model: ModelConfig) -> Any:
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-
-    spec = get_gpt_layer_with_transformer_engine_spec(
-        num_experts=arch.num_experts if moe else None,
-        moe_grouped_gemm=model.moe_grouped_gemm,
-        qk_layernorm=arch.qk_norm,
-    )
-    if moe:  # store the MoE layers' pre-MLP norm under the same key as the local spec (and dense TE layers)
-        spec.submodules.sharded_state_dict_keys_map = {
-            **(spec.submodules.sharded_state_dict_keys_map or {}),
-            "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
-        }
-    return spec
-
-
 def layer_specs(arch: ArchSpec, model: ModelConfig, config: Any) -> Any:
-    """A ``TransformerBlockSubmodules`` with one spec per layer of this pipeline stage
-    (dense and MoE layers may mix)."""
+    """A ``TransformerBlockSubmodules`` with one spec per layer of this pipeline stage, as the model's family
+    declares them (dense and MoE layers may mix)."""
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
         get_num_layers_to_build,
@@ -334,19 +295,11 @@ def layer_specs(arch: ArchSpec, model: ModelConfig, config: Any) -> Any:
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     te = use_transformer_engine(model)
-    per_layer = []
-    for i in range(arch.num_layers):
-        moe = arch.is_moe and arch.moe_layers[i]
-        per_layer.append(_te_layer_spec(arch, moe, model) if te else _local_layer_spec(arch, moe))
+    fam = family(arch.model_type)
+    per_layer = [fam.layer_spec(arch, i, te=te, model=model) for i in range(arch.num_layers)]
     offset = get_transformer_layer_offset(config)
     per_layer = per_layer[offset : offset + get_num_layers_to_build(config)]
-    if te:
-        from megatron.core.extensions.transformer_engine import TENorm
-
-        final_norm: Any = TENorm
-    else:
-        final_norm = RMSNorm
-    return TransformerBlockSubmodules(layer_specs=per_layer, layer_norm=final_norm)
+    return TransformerBlockSubmodules(layer_specs=per_layer, layer_norm=fam.final_norm(arch, te=te))
 
 
 @dataclass(kw_only=True)
@@ -468,3 +421,50 @@ def build_model(
     _reload_main_params_at_first_step(megatron_opt)
     return ModelBundle(role=role, arch=arch, config=config, module=ddp, optimizer=megatron_opt,
                        fused_logprobs=model.fused_logprobs)
+
+
+def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
+    """[..., V/tp] vocabulary shards of every TP rank -> [..., V] (no autograd)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as mpu
+
+    tp = mpu.get_tensor_model_parallel_world_size()
+    if tp == 1:
+        return logits
+    parts = [torch.empty_like(logits) for _ in range(tp)]
+    dist.all_gather(parts, logits.contiguous(), group=mpu.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=-1)
+
+
+@torch.no_grad()
+def forward_logits(bundle: ModelBundle, tokens: torch.Tensor) -> torch.Tensor | None:
+    """Full-vocabulary fp32 logits [B, S, V] of ``tokens`` [B, S] (positions 0..S-1, causal): one forward-only pass
+    through megatron-core's pipeline schedule in eval mode. The logits on the last pipeline stage, None elsewhere;
+    every rank of the model's groups must call it."""
+    from megatron.core import parallel_state as mpu
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    tokens = tokens.to(device)
+    position_ids = torch.arange(tokens.shape[1], device=device).expand_as(tokens)  # [B, S]
+    captured: list[torch.Tensor] = []
+
+    def forward_step(data_iterator: Iterator[torch.Tensor], model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
+        batch = next(data_iterator)  # [B, S]
+        output = model(batch, position_ids, None)  # last stage: [B, S, V/tp]
+
+        def capture(logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            captured.append(gather_vocab(logits.float()))
+            return logits.sum() * 0.0, {}
+
+        return output, capture
+
+    was_training = bundle.module.training
+    bundle.module.eval()
+    try:
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([tokens]),
+                                    model=[bundle.module], num_microbatches=1, seq_length=int(tokens.shape[1]),
+                                    micro_batch_size=int(tokens.shape[0]), forward_only=True)
+    finally:
+        bundle.module.train(was_training)
+    return captured[0] if mpu.is_pipeline_last_stage() else None

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from nsr_megatron.losses.rng import uniform_from_keys
+from nsr_megatron.models.families import find_family
 from nsr_megatron.platform import outside_cpu_compat
 from nsr_megatron.rollout.engine import Generation, Resync, SamplingParams, prompt_seeds, row_key
 
@@ -64,12 +65,6 @@ _WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-# Model types whose HF checkpoints store experts one by one (experts.E.{gate,up,down}_proj.weight) while
-# transformers >= 5 holds them fused: gate_up_proj[E] = cat(gate_E, up_E) along dim 1 (shape [E, 2I, H]),
-# down_proj[E] = down_E ([E, H, I]); see transformers' conversion_mapping ("qwen2_moe": MergeModulelist +
-# Concatenate(dim=1)).
-_FUSED_EXPERT_MODEL_TYPES = frozenset({"qwen2_moe", "qwen3_moe"})
-
 
 def sample_tokens(logits_av: Tensor, uniforms_a: Tensor, params: SamplingParams) -> tuple[Tensor, Tensor]:
     """Draw one token per row by inverse-CDF sampling and return (tokens [A], logprobs [A]).
@@ -106,7 +101,8 @@ def sample_tokens(logits_av: Tensor, uniforms_a: Tensor, params: SamplingParams)
 
 
 class EmbeddedEngine:
-    """In-process rollout engine over a Hugging Face ``AutoModelForCausalLM`` (Qwen2, Qwen3, Qwen3-MoE, ...).
+    """In-process rollout engine over a Hugging Face causal LM, the class its model family names (any family of
+    :mod:`nsr_megatron.models.families`; ``AutoModelForCausalLM`` for others).
 
     Args:
         hf_path: a Hugging Face model directory. With weights (``model.safetensors`` etc.) it is loaded with
@@ -132,7 +128,7 @@ class EmbeddedEngine:
         init_seed: int = 0,
         kv_cache: str = "static",
     ) -> None:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
 
         path = Path(hf_path)
         if not (path / "config.json").is_file():
@@ -143,11 +139,12 @@ class EmbeddedEngine:
         kwargs: dict[str, Any] = {"dtype": dtype}
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
+        config = AutoConfig.from_pretrained(str(path))
         if any((path / name).is_file() for name in _WEIGHT_FILES):
-            model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+            model: torch.nn.Module = _causal_lm_class(config.model_type).from_pretrained(str(path), **kwargs)
         else:
             logger.warning("%s has no weight files: building the model from config.json with random weights", path)
-            model = _model_from_config(AutoConfig.from_pretrained(str(path)), init_seed=init_seed, **kwargs)
+            model = _model_from_config(config, init_seed=init_seed, **kwargs)
         self._setup(model, device=device, max_batch_size=max_batch_size, name=str(path), kv_cache=kv_cache)
 
     @classmethod
@@ -213,7 +210,9 @@ class EmbeddedEngine:
         self._targets = _weight_targets(self.model)
         self._shared: tuple[Any, Tensor] | None = None  # (layout, mapping) once the weights live in shared memory
         self._released: Any = None  # a HostOffload holding the weights while they are released (release_memory)
-        self._gates = [m for name, m in self.model.named_modules() if name.endswith("mlp.gate")]  # MoE routers
+        family = find_family(getattr(model.config, "model_type", ""))
+        router = family.hf_router_suffix if family is not None else ""
+        self._gates = [m for name, m in self.model.named_modules() if router and name.endswith(router)]  # MoE routers
         self._fused_names = {n for n, (t, _) in self._targets.items() if t.dim() == 3 and n.endswith(
             ("experts.gate_up_proj", "experts.down_proj"))}
         # transformers >= 5.24 names the KV-cache argument ``cache`` (``past_key_values`` is deprecated there).
@@ -409,7 +408,8 @@ class EmbeddedEngine:
         ``named_tensors``: (name, tensor) pairs, streamed (a generator of buckets is fine), or a name -> tensor dict.
         ``engines`` is ignored: the engine is one replica. It keeps no cache between calls, so nothing goes stale.
 
-        Accepts the model's own parameter names and, for Qwen2/Qwen3-MoE, the checkpoint's per-expert names
+        Accepts the model's own parameter names and, for families whose transformers class fuses the experts
+        (:attr:`~nsr_megatron.models.families.ModelFamily.hf_fused_experts`), the checkpoint's per-expert names
         (``model.layers.L.mlp.experts.E.{gate,up,down}_proj.weight``), which are copied into their slice of the
         fused ``experts.gate_up_proj`` / ``experts.down_proj``. With tied embeddings ``lm_head.weight`` and
         ``model.embed_tokens.weight`` are one tensor, so either name updates both. Dtype and device are converted;
@@ -525,13 +525,27 @@ class EmbeddedEngine:
         """No-op: the engine lives in this process."""
 
 
-def _model_from_config(config: Any, *, init_seed: int, **kwargs: Any) -> torch.nn.Module:
-    """``AutoModelForCausalLM.from_config`` with a seeded init that leaves the global RNG untouched."""
-    from transformers import AutoModelForCausalLM
+def _causal_lm_class(model_type: str) -> Any:
+    """The transformers class that runs ``model_type``: its family's (:mod:`nsr_megatron.models.families`), else
+    ``AutoModelForCausalLM`` (a model of no family runs as transformers builds it, without per-expert names or
+    routed experts)."""
+    import transformers
 
+    family = find_family(model_type)
+    return getattr(transformers, family.hf_class) if family is not None else transformers.AutoModelForCausalLM
+
+
+def _model_from_config(config: Any, *, init_seed: int, **kwargs: Any) -> torch.nn.Module:
+    """A random model of ``config`` (the class :func:`_causal_lm_class` names) with a seeded init that leaves the
+    global RNG untouched."""
+    import transformers
+
+    family = find_family(config.model_type)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
-        return AutoModelForCausalLM.from_config(config, **kwargs)
+        if family is None:
+            return transformers.AutoModelForCausalLM.from_config(config, **kwargs)
+        return getattr(transformers, family.hf_class)._from_config(config, **kwargs)  # as the auto class does
 
 
 def _weight_targets(model: torch.nn.Module) -> dict[str, tuple[Tensor, tuple[Any, ...]]]:
@@ -539,8 +553,8 @@ def _weight_targets(model: torch.nn.Module) -> dict[str, tuple[Tensor, tuple[Any
     targets: dict[str, tuple[Tensor, tuple[Any, ...]]] = {
         name: (param, ()) for name, param in model.named_parameters(remove_duplicate=False)
     }
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in _FUSED_EXPERT_MODEL_TYPES:
+    family = find_family(getattr(getattr(model, "config", None), "model_type", ""))
+    if family is None or not family.hf_fused_experts:
         return targets
     for name, (tensor, _) in list(targets.items()):
         if name.endswith("experts.gate_up_proj") and tensor.dim() == 3:

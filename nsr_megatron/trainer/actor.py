@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from nsr_megatron.models.fused_head import HeadInput, hidden_head
-from nsr_megatron.models.provider import ModelBundle
+from nsr_megatron.models.provider import ModelBundle, gather_vocab
 
 __all__ = [
     "HeadLoss",
@@ -187,18 +187,6 @@ def train_step(
 def zero_grads(bundle: ModelBundle) -> None:
     bundle.module.zero_grad_buffer()
     bundle.optimizer.zero_grad()
-
-
-def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
-    """[..., V/tp] vocabulary shards of every TP rank -> [..., V] (no autograd)."""
-    from megatron.core import parallel_state as mpu
-
-    tp = mpu.get_tensor_model_parallel_world_size()
-    if tp == 1:
-        return logits
-    parts = [torch.empty_like(logits) for _ in range(tp)]
-    dist.all_gather(parts, logits.contiguous(), group=mpu.get_tensor_model_parallel_group())
-    return torch.cat(parts, dim=-1)
 
 
 def _forward_only(

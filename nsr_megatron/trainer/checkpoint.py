@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -28,12 +27,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from nsr_megatron.convert.io import META_FILE, commit_checkpoint_dir
+from nsr_megatron.convert.io import META_FILE, commit_checkpoint_dir, complete_checkpoints, latest_checkpoint
 from nsr_megatron.models.state import unwrap_model
 
 __all__ = ["CheckpointError", "checkpoint_arch", "latest_checkpoint", "load_checkpoint", "read_meta", "save_checkpoint"]
 
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
 _OPT_META = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
 
@@ -185,23 +183,10 @@ def save_checkpoint(
             f"; free disk space or fix the folder's permissions and file-size limit, then rerun the same command "
             f"to resume from it.")
     if _rank() == 0 and keep_last:
-        for old in _complete_checkpoints(root)[:-keep_last]:
+        for old in complete_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
-
-
-def _complete_checkpoints(root: Path) -> list[Path]:
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / META_FILE).is_file()]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
-
-
-def latest_checkpoint(root: str | os.PathLike[str]) -> Path | None:
-    """The newest complete checkpoint under ``root`` (half-written ``.tmp-*`` folders never count)."""
-    found = _complete_checkpoints(Path(root))
-    return found[-1] if found else None
 
 
 def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
