@@ -404,13 +404,18 @@ def plot_comparison(summary: dict[str, Any], out_path: str | Path) -> Path:
     cols = 2
     rows = max(1, math.ceil(len(keys) / cols))
     fig = Figure(figsize=(6.0 * cols, 3.2 * rows), dpi=100, layout="constrained")
+    # one colour per loss in every panel, also where a metric is missing for some losses
+    losses = list(dict.fromkeys(loss for key in keys for loss in summary["metrics"][key]))
+    palette = [f"C{k % 10}" for k in range(len(losses))]
+    colour = dict(zip(losses, palette, strict=True))
     for i, key in enumerate(keys):
         ax = fig.add_subplot(rows, cols, i + 1)
         for loss, s in summary["metrics"][key].items():
             steps = [p["step"] for p in s["curve"]]
-            (line,) = ax.plot(steps, [p["mean"] for p in s["curve"]], label=f"{loss} (n={s['seeds']})", linewidth=1.5)
+            ax.plot(steps, [p["mean"] for p in s["curve"]], label=f"{loss} (n={s['seeds']})", linewidth=1.5,
+                    color=colour[loss])
             ax.fill_between(steps, [p["low"] for p in s["curve"]], [p["high"] for p in s["curve"]],
-                            color=line.get_color(), alpha=0.2, linewidth=0)
+                            color=colour[loss], alpha=0.2, linewidth=0)
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)
