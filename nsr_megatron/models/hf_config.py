@@ -125,8 +125,7 @@ def transformer_config(arch: ArchSpec, model: ModelConfig, parallel: ParallelCon
                        routing_replay: bool = False) -> Any:
     """Build the megatron-core ``TransformerConfig`` for ``arch`` under the given layout (``routing_replay``: give
     every MoE router megatron's ``RouterReplay``, for R2 / R3)."""
-    from megatron.core.transformer import TransformerConfig
-
+    fam = family(arch.model_type)
     dtype = _DTYPES[model.params_dtype]
     kwargs: dict[str, Any] = dict(
         num_layers=arch.num_layers,
@@ -160,7 +159,7 @@ def transformer_config(arch: ArchSpec, model: ModelConfig, parallel: ParallelCon
         recompute_method="uniform" if model.recompute == "full" else None,
         recompute_num_layers=1 if model.recompute == "full" else None,
     )
-    kwargs.update(family(arch.model_type).transformer_fields(arch))
+    kwargs.update(fam.transformer_fields(arch))
     if arch.is_moe:
         kwargs.update(
             moe_router_dtype=model.moe_router_dtype,
@@ -174,4 +173,4 @@ def transformer_config(arch: ArchSpec, model: ModelConfig, parallel: ParallelCon
         )
     if model.fp8:
         kwargs.update(fp8=model.fp8, fp8_recipe=model.fp8_recipe, fp8_param=model.fp8_param)
-    return TransformerConfig(**kwargs)
+    return fam.transformer_config_class()(**kwargs)

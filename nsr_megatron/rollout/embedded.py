@@ -403,7 +403,8 @@ class EmbeddedEngine:
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]] | Mapping[str, Tensor],
                        version: str = "", *, engines: Sequence[int] | None = None) -> int:
-        """Copy Hugging Face-named tensors into the model's parameters in place; return how many were loaded.
+        """Copy Hugging Face-named tensors into the model's weights (parameters and the buffers a checkpoint
+        carries, such as a router's expert bias) in place; return how many were loaded.
 
         ``named_tensors``: (name, tensor) pairs, streamed (a generator of buckets is fine), or a name -> tensor dict.
         ``engines`` is ignored: the engine is one replica. It keeps no cache between calls, so nothing goes stale.
@@ -460,14 +461,14 @@ class EmbeddedEngine:
                 yield name, param[index] if index else param
 
     def share_weights(self) -> Any:
-        """Move the model's parameters into a shared-memory file that trainer ranks on this host write new weights
+        """Move the model's weights (parameters and saved buffers) into a shared-memory file that trainer ranks on this host write new weights
         into (``rollout.weight_sync=shared_memory``); returns its
         :class:`~nsr_megatron.rollout.weight_sync.SharedLayout` (checkpoint names, as :meth:`named_weights`). Done
         once; later calls return the same layout. CPU engines only."""
         from nsr_megatron.rollout.weight_sync import share_parameters
 
         if self._shared is None:
-            self._shared = share_parameters(self.model.parameters(), self.named_weights())
+            self._shared = share_parameters([t for t, _ in self._targets.values()], self.named_weights())
         return self._shared[0]
 
     @property
@@ -553,6 +554,9 @@ def _weight_targets(model: torch.nn.Module) -> dict[str, tuple[Tensor, tuple[Any
     targets: dict[str, tuple[Tensor, tuple[Any, ...]]] = {
         name: (param, ()) for name, param in model.named_parameters(remove_duplicate=False)
     }
+    # buffers a checkpoint carries (a router's expert bias), not those derived from the config (rotary inv_freq)
+    saved = set(model.state_dict())
+    targets.update({name: (buf, ()) for name, buf in model.named_buffers(remove_duplicate=False) if name in saved})
     family = find_family(getattr(getattr(model, "config", None), "model_type", ""))
     if family is None or not family.hf_fused_experts:
         return targets

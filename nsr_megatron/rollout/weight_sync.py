@@ -255,11 +255,11 @@ def _header(layout_id: str) -> bytes:
     return f"nsr-megatron shared weights {layout_id}".encode().ljust(_ALIGN, b"\0")
 
 
-def share_parameters(params: Iterable[torch.nn.Parameter],
+def share_parameters(params: Iterable[torch.Tensor],
                      named: Iterable[tuple[str, torch.Tensor]]) -> tuple[SharedLayout, torch.Tensor]:
-    """Move ``params`` (CPU, each once) into one new shared-memory file and describe the views ``named`` (views of
-    those parameters, by HF name) in it. Returns the layout and the file's uint8 mapping, which the caller keeps
-    alive (the parameters now live in it). Linux only (``memfd_create``)."""
+    """Move ``params`` (CPU tensors: parameters, buffers; each once) into one new shared-memory file and describe
+    the views ``named`` (views of those tensors, by HF name) in it. Returns the layout and the file's uint8
+    mapping, which the caller keeps alive (the tensors now live in it). Linux only (``memfd_create``)."""
     if not hasattr(os, "memfd_create"):
         raise RuntimeError("shared-memory weights need Linux (os.memfd_create); use rollout.weight_sync=distributed.")
     unique = list({id(p): p for p in params}.values())

@@ -151,7 +151,8 @@ def test_off_reads_as_the_choice_not_a_boolean(tmp_path: Path) -> None:
 
 def test_unsupported_architecture_is_named() -> None:
     with pytest.raises(
-        ConfigError, match=r"model_type='llama' is not supported; supported architectures: qwen2, qwen3, qwen3_moe"
+        ConfigError,
+        match=r"model_type='llama' is not supported; supported architectures: deepseek_v3, qwen2, qwen3, qwen3_moe",
     ):
         arch_from_hf({"model_type": "llama"})
 

@@ -24,17 +24,22 @@ TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_laye
             num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
 # Keys a family needs beyond TINY to be more than its dense special case.
 EXTRA = {"qwen2": dict(tie_word_embeddings=True),
-         "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)}
+         "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
+         "deepseek_v3": dict(num_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                             n_group=1, topk_group=1, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=None,
+                             kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                             num_nextn_predict_layers=0)}
 
 
 def test_the_built_in_families_are_registered() -> None:
-    assert list(registry()) == ["qwen2", "qwen3", "qwen3_moe"]
+    assert list(registry()) == ["deepseek_v3", "qwen2", "qwen3", "qwen3_moe"]
     assert all(registry()[t].model_type == t for t in registry())
 
 
 def test_an_unknown_model_type_is_named_with_the_supported_ones() -> None:
     with pytest.raises(ConfigError, match=r"model_type='llama' is not supported; supported architectures: "
-                                          r"qwen2, qwen3, qwen3_moe \(Qwen2 / Qwen2.5, Qwen3, Qwen3-MoE\)"):
+                                          r"deepseek_v3, qwen2, qwen3, qwen3_moe \(DeepSeek-V3, Qwen2 / Qwen2.5, "
+                                          r"Qwen3, Qwen3-MoE\)"):
         family("llama")
     with pytest.raises(ConfigError, match="model_type='' is not supported"):
         arch_from_hf({"hidden_size": 8})
@@ -55,7 +60,9 @@ def test_each_family_round_trips_a_tiny_checkpoint(model_type: str, tmp_path: Pa
     assert set(back) == set(original)
     assert all(torch.equal(back[n], original[n].float()) for n in original)
     # The planner's counts are the family's tensors, element for element.
-    hf_elements = sum(torch.Size(s).numel() for r in weight_rules(arch) for s in r.hf_shapes)
+    # (a router's expert bias, DeepSeek-V3's ``e_score_correction_bias``, is a buffer, not a parameter)
+    hf_elements = sum(torch.Size(s).numel() for r in weight_rules(arch) for s in r.hf_shapes
+                      if not r.key.endswith("router.expert_bias"))
     assert count_parameters(arch).total == hf_elements
 
 
@@ -91,6 +98,6 @@ def test_a_new_family_is_one_module(extra_family_dir: Path) -> None:
     qwen3 = arch_from_hf(dict(TINY, model_type="qwen3"))
     assert [r.key for r in weight_rules(arch)] == [r.key for r in weight_rules(qwen3)]
     assert count_parameters(arch).total > 0
-    listed = r"supported architectures: qwen2, qwen3, qwen3_moe, tiny_test \(.*Tiny-Test\)"
+    listed = r"supported architectures: deepseek_v3, qwen2, qwen3, qwen3_moe, tiny_test \(.*Tiny-Test\)"
     with pytest.raises(ConfigError, match=listed):
         family("llama")

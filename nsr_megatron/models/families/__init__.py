@@ -44,6 +44,13 @@ class ModelFamily:
         layout, precision and the run's MoE options are the caller's."""
         raise NotImplementedError
 
+    def transformer_config_class(self) -> Any:
+        """The megatron config class :meth:`transformer_fields` fill (``MLATransformerConfig`` for multi-latent
+        attention)."""
+        from megatron.core.transformer import TransformerConfig
+
+        return TransformerConfig
+
     # ---------------------------------------------------------------- model
     def layer_spec(self, arch: ArchSpec, layer: int, *, te: bool, model: ModelConfig) -> Any:
         """The megatron layer spec of layer ``layer`` (Transformer Engine layers with ``te``)."""
