@@ -21,13 +21,13 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from nsr_megatron.config import ConfigError, read_hf_config
 from nsr_megatron.models.families.deepseek_v3 import DeepseekV3Arch
 from nsr_megatron.models.hf_config import arch_from_hf
 from nsr_megatron.models.memory import count_parameters
 from tests.spawn import run_workers
+from tests.unit.test_convert import read_all
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "convert.py"
@@ -66,15 +66,6 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("deepseek_v3")
     return {"q-lora": make_deepseek_v3(root / "q-lora", q_lora_rank=16),
             "no-q-lora": make_deepseek_v3(root / "no-q-lora", q_lora_rank=None)}
-
-
-def _read_all(hf_dir: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(hf_dir.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            for k in st.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                out[k] = st.get_tensor(k)
-    return out
 
 
 def _hf_logits(hf_dir: Path) -> torch.Tensor:
@@ -124,7 +115,7 @@ def test_convert_round_trip_is_bit_exact_and_verify_passes(models: dict[str, Pat
     assert r.returncode == 0, r.stderr
     r = _cli("mcore-to-hf", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "back"), "--no-progress")
     assert r.returncode == 0, r.stderr
-    original, back = _read_all(hf), _read_all(tmp_path / "back")
+    original, back = read_all(hf), read_all(tmp_path / "back")
     assert sorted(back) == sorted(original)
     assert any(k.endswith("e_score_correction_bias") for k in original)
     for key, t in original.items():

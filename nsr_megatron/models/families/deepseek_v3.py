@@ -56,8 +56,8 @@ import torch.nn.functional as F
 
 from nsr_megatron.config import ConfigError, ModelConfig
 from nsr_megatron.models.arch import ArchSpec
-from nsr_megatron.models.families.qwen3_moe import Qwen3MoeFamily
-from nsr_megatron.models.rules import LAYERS, Copy, GateUp, TensorRule, copy_rule
+from nsr_megatron.models.families.qwen3_moe import Qwen3MoeFamily, expert_rules
+from nsr_megatron.models.rules import LAYERS, GateUp, TensorRule, copy_rule
 
 __all__ = ["FAMILY", "DeepseekV3Arch", "DeepseekV3Family"]
 
@@ -282,13 +282,7 @@ class DeepseekV3Family(Qwen3MoeFamily):
         rules += [
             copy_rule(f"{M}mlp.router.weight", f"{L}mlp.gate.weight", (E, H), layer=i),
             copy_rule(f"{M}mlp.router.expert_bias", f"{L}mlp.gate.e_score_correction_bias", (E,), layer=i),
-            TensorRule(key=f"{M}mlp.experts.experts.linear_fc1.weight", shape=(E, 2 * Fm, H),
-                       kind=GateUp(experts=True),
-                       hf_names=tuple(f"{L}mlp.experts.{e}.{p}_proj.weight" for e in range(E) for p in ("gate", "up")),
-                       hf_shapes=((Fm, H),) * (2 * E), layer=i, linear=True),
-            TensorRule(key=f"{M}mlp.experts.experts.linear_fc2.weight", shape=(E, H, Fm), kind=Copy(experts=True),
-                       hf_names=tuple(f"{L}mlp.experts.{e}.down_proj.weight" for e in range(E)),
-                       hf_shapes=((H, Fm),) * E, layer=i, linear=True),
+            *expert_rules(M, L, num_experts=E, hidden=H, ffn=Fm, layer=i),
         ]
         if Fs:
             rules += _swiglu(f"{M}mlp.shared_experts.", f"{L}mlp.shared_experts.", H, Fs, i)

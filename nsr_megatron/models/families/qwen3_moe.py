@@ -35,6 +35,20 @@ def _moe(arch: ArchSpec, layer: int) -> bool:
     return arch.is_moe and arch.moe_layers[layer]
 
 
+def expert_rules(m: str, hf: str, *, num_experts: int, hidden: int, ffn: int, layer: int) -> list[TensorRule]:
+    """The routed experts of layer ``layer`` (megatron prefix ``m``, HF prefix ``hf``): megatron's stacked
+    ``linear_fc1`` [E, 2F, H] and ``linear_fc2`` [E, H, F] from the checkpoint's per-expert SwiGLU weights."""
+    E, H, F = num_experts, hidden, ffn
+    return [
+        TensorRule(key=f"{m}mlp.experts.experts.linear_fc1.weight", shape=(E, 2 * F, H), kind=GateUp(experts=True),
+                   hf_names=tuple(f"{hf}mlp.experts.{e}.{p}_proj.weight" for e in range(E) for p in ("gate", "up")),
+                   hf_shapes=((F, H),) * (2 * E), layer=layer, linear=True),
+        TensorRule(key=f"{m}mlp.experts.experts.linear_fc2.weight", shape=(E, H, F), kind=Copy(experts=True),
+                   hf_names=tuple(f"{hf}mlp.experts.{e}.down_proj.weight" for e in range(E)),
+                   hf_shapes=((H, F),) * E, layer=layer, linear=True),
+    ]
+
+
 class Qwen3MoeFamily(Qwen3Family):
     """Qwen3-MoE: Qwen3 attention, MoE MLPs (dense where the config says so)."""
 
@@ -84,13 +98,7 @@ class Qwen3MoeFamily(Qwen3Family):
             copy_rule(f"{M}mlp.linear_fc1.layer_norm_weight", f"{L}post_attention_layernorm.weight", (H,), layer=i,
                       aliases=(f"{M}pre_mlp_layernorm.weight",)),
             copy_rule(f"{M}mlp.router.weight", f"{L}mlp.gate.weight", (E, H), layer=i),
-            TensorRule(key=f"{M}mlp.experts.experts.linear_fc1.weight", shape=(E, 2 * Fm, H),
-                       kind=GateUp(experts=True),
-                       hf_names=tuple(f"{L}mlp.experts.{e}.{p}_proj.weight" for e in range(E) for p in ("gate", "up")),
-                       hf_shapes=((Fm, H),) * (2 * E), layer=i, linear=True),
-            TensorRule(key=f"{M}mlp.experts.experts.linear_fc2.weight", shape=(E, H, Fm), kind=Copy(experts=True),
-                       hf_names=tuple(f"{L}mlp.experts.{e}.down_proj.weight" for e in range(E)),
-                       hf_shapes=((H, Fm),) * E, layer=i, linear=True),
+            *expert_rules(M, L, num_experts=E, hidden=H, ffn=Fm, layer=i),
         ]
 
     # ---------------------------------------------------------------- memory planner
