@@ -53,9 +53,32 @@ def _submit(run_dir: Path, out: Path, *, wait: bool) -> subprocess.CompletedProc
                           capture_output=True, text=True, timeout=900)
 
 
-def _job_gone(job: str) -> bool:
+def job_gone(job: str) -> bool:
     out = subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True)
     return out.returncode != 0 or not out.stdout.strip()
+
+
+def wait_past_a_checkpoint(run_dir: Path, job: str, out: Path, timeout_s: float = 600.0) -> None:
+    """Until the job's run has a checkpoint and has trained past it; fails if the job ends first."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        status = run_dir / "status.json"
+        step = json.loads(status.read_text()).get("step", 0) if status.exists() else 0
+        saved = [int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*")]
+        if saved and step > max(saved):
+            return
+        assert not job_gone(job), f"the job ended before it was interrupted:\n{out.read_text()[-3000:]}"
+        time.sleep(0.1)
+    pytest.fail(f"the run did not pass a checkpoint within {timeout_s:.0f} s", pytrace=False)
+
+
+def assert_every_step_once_as_in(run_dir: Path, straight: Path, steps: int) -> None:
+    """The resumed run has each step once, each with the values of the run that was never interrupted."""
+    rows, ref = read_metrics(run_dir), read_metrics(straight)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    for mine, theirs in zip(rows, ref, strict=True):
+        for key in ("reward/mean", "loss", "grad_norm", "clip_frac/upper"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-7), (mine["step"], key)
 
 
 @pytest.fixture(scope="module")
@@ -80,17 +103,9 @@ def test_a_cancelled_job_resubmitted_resumes_with_no_step_lost(straight: Path, t
     proc = _submit(run_dir, out, wait=False)
     assert proc.returncode == 0, proc.stderr
     job = proc.stdout.strip().split(";")[0]
-    deadline = time.time() + 600
-    while time.time() < deadline:  # cancel once a checkpoint exists and the run has gone past it
-        status = run_dir / "status.json"
-        step = json.loads(status.read_text()).get("step", 0) if status.exists() else 0
-        saved = [int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*")]
-        if saved and step > max(saved):
-            break
-        assert not _job_gone(job), f"the job ended before it could be cancelled:\n{out.read_text()[-3000:]}"
-        time.sleep(0.1)
+    wait_past_a_checkpoint(run_dir, job, out)
     subprocess.run(["scancel", job], check=True)
-    while not _job_gone(job):
+    while not job_gone(job):
         time.sleep(0.5)
     done = [r["step"] for r in read_metrics(run_dir)]
     assert done and done[-1] < STEPS, f"the job was not stopped mid-run: {done}"
@@ -98,11 +113,7 @@ def test_a_cancelled_job_resubmitted_resumes_with_no_step_lost(straight: Path, t
     proc = _submit(run_dir, out, wait=True)
     assert proc.returncode == 0, f"{proc.stderr}\n{out.read_text()[-3000:]}"
     assert "resumed from" in out.read_text()
-    rows, ref = read_metrics(run_dir), read_metrics(straight)
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # every step once
-    for mine, theirs in zip(rows, ref, strict=True):  # and each as in the run that was never stopped
-        for key in ("reward/mean", "loss", "grad_norm", "clip_frac/upper"):
-            assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-7), (mine["step"], key)
+    assert_every_step_once_as_in(run_dir, straight, STEPS)
 
 
 def test_convert_sbatch_converts_and_round_trips(cluster: None, tmp_path: Path) -> None:

@@ -20,7 +20,6 @@ tests fail with the reason: they are never skipped.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -32,7 +31,12 @@ import pytest
 
 from nsr_megatron.rollout.weight_sync import free_port
 from tests.e2e.test_rl_loop import read_metrics
-from tests.e2e.test_slurm import cluster  # noqa: F401  (the fixture: Slurm installed and started)
+from tests.e2e.test_slurm import (
+    assert_every_step_once_as_in,
+    cluster,  # noqa: F401  (the fixture: Slurm installed and started)
+    job_gone,
+    wait_past_a_checkpoint,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SBATCH = ROOT / "examples" / "slurm" / "train.sbatch"
@@ -58,11 +62,6 @@ def _submit(run_dir: Path, out: Path, *, wait: bool, overrides: str = OVERRIDES,
            "--gpus-per-node=0", "--cpus-per-task=2", "--no-requeue", "--time=00:20:00", f"--output={out}"]
     return subprocess.run([*cmd, *(["--wait"] if wait else []), str(SBATCH)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
-
-
-def _job_gone(job: str) -> bool:
-    out = subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True)
-    return out.returncode != 0 or not out.stdout.strip()
 
 
 def _processes_of(run_dir: Path) -> list[str]:
@@ -104,18 +103,10 @@ def test_a_killed_node_fails_the_job_and_the_resubmitted_job_resumes(straight: P
     proc = _submit(run_dir, out, wait=False)
     assert proc.returncode == 0, proc.stderr
     job = proc.stdout.strip().split(";")[0]
-    deadline = time.time() + 600
-    while time.time() < deadline:  # kill once a checkpoint exists and the run has gone past it
-        status = run_dir / "status.json"
-        step = json.loads(status.read_text()).get("step", 0) if status.exists() else 0
-        saved = [int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*")]
-        if saved and step > max(saved):
-            break
-        assert not _job_gone(job), f"the job ended before the node could be killed:\n{out.read_text()[-3000:]}"
-        time.sleep(0.1)
+    wait_past_a_checkpoint(run_dir, job, out)
     subprocess.run([*CLUSTER, "kill-node", "nsr-node2"], check=True, capture_output=True, timeout=60)
     deadline = time.time() + 240
-    while not _job_gone(job):
+    while not job_gone(job):
         assert time.time() < deadline, f"the job did not end after its second node died:\n{out.read_text()[-3000:]}"
         time.sleep(0.5)
     done = [r["step"] for r in read_metrics(run_dir)]
@@ -127,11 +118,7 @@ def test_a_killed_node_fails_the_job_and_the_resubmitted_job_resumes(straight: P
     proc = _submit(run_dir, out, wait=True)
     assert proc.returncode == 0, f"{proc.stderr}\n{out.read_text()[-3000:]}"
     assert "resumed from" in out.read_text()
-    rows, ref = read_metrics(run_dir), read_metrics(straight)
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # every step once
-    for mine, theirs in zip(rows, ref, strict=True):  # and each as in the run that was never stopped
-        for key in ("reward/mean", "loss", "grad_norm", "clip_frac/upper"):
-            assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-7), (mine["step"], key)
+    assert_every_step_once_as_in(run_dir, straight, STEPS)
 
 
 def test_engines_on_the_second_node_attached_by_url(nodes: None, tmp_path: Path) -> None:
