@@ -21,8 +21,9 @@ import pytest
 import torch
 
 from tests.spawn import run_workers
+from tests.unit.test_convert import read_all
 from tests.unit.test_family_deepseek_v3 import TOKENS as TOKENS9
-from tests.unit.test_family_deepseek_v3 import VOCAB, _ce_loss, _read_all, hf_grads, make_deepseek_v3
+from tests.unit.test_family_deepseek_v3 import VOCAB, _ce_loss, hf_grads, make_deepseek_v3
 
 LAYOUTS = {"tp2-sp": {"tp": 2, "sequence_parallel": True}, "ep2": {"ep": 2}, "pp2": {"pp": 2}}
 TOL = 1e-5
@@ -93,7 +94,7 @@ def test_sharded_load_equals_full_load_and_logits_equal_transformers(hf_dir: Pat
 
     run_workers(_worker, 2, str(hf_dir), str(tmp_path), LAYOUTS[name])
     back = mcore_to_hf(tmp_path / "ckpt" / "step_00000001", tmp_path / "back", hf_config=hf_dir, progress=False)
-    original, converted = _read_all(hf_dir), _read_all(back)
+    original, converted = read_all(hf_dir), read_all(back)
     assert sorted(converted) == sorted(original)
     assert all(torch.equal(converted[k], v) for k, v in original.items())
     for rank in range(2):
