@@ -132,7 +132,11 @@ class RoutingProfiler:
         s.tokens[row] += float(valid.sum())
         logits = getattr(router, "_nsr_logits", None)
         if logits is not None:
-            entropy, margin = router_entropy_and_margin(logits.reshape(n, -1).float().cpu(), self.topk)
+            bias = getattr(router, "expert_bias", None)
+            entropy, margin = router_entropy_and_margin(
+                logits.reshape(n, -1).float().cpu(), self.topk,
+                score_function=getattr(router.config, "moe_router_score_function", "softmax"),
+                expert_bias=bias.detach().float().cpu() if isinstance(bias, torch.Tensor) else None)
             s.entropy_sum[row] += entropy[valid].sum()
             s.margin_sum[row] += margin[valid].sum()
         old = self._old.pop((key, row), None)

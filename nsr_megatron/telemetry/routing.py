@@ -82,12 +82,26 @@ def expert_load(topk: torch.Tensor, experts: int) -> torch.Tensor:
     return torch.bincount(topk.reshape(-1).long(), minlength=experts).to(torch.float64)
 
 
-def router_entropy_and_margin(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(entropy [N], top-k margin [N]) of the router's softmax distribution over experts (``logits`` [N, E])."""
-    logp = torch.log_softmax(logits.double(), dim=-1)  # [N, E]
-    p = logp.exp()
-    entropy = -(p * logp).sum(-1)
-    top = torch.topk(p, min(k + 1, p.shape[-1]), dim=-1).values  # [N, k+1]
+def router_entropy_and_margin(logits: torch.Tensor, k: int, *, score_function: str = "softmax",
+                              expert_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(entropy [N], top-k margin [N]) of the router's distribution over experts (``logits`` [N, E]).
+
+    ``softmax`` routers (Qwen3-MoE, gpt-oss): the softmax of the logits; the margin is the k-th minus the
+    (k+1)-th probability. ``sigmoid`` routers (DeepSeek-V3, GLM-4.5): the scores ``s = sigmoid(logits)``
+    normalized to sum to 1 give the entropy; experts are chosen by ``s + expert_bias``, so the margin is the k-th
+    minus the (k+1)-th of those selection scores (group-limited routing is not taken into account)."""
+    if score_function == "sigmoid":
+        scores = torch.sigmoid(logits.double())
+        p = scores / scores.sum(-1, keepdim=True)
+        entropy = -(p * p.clamp_min(1e-300).log()).sum(-1)
+        select = scores + expert_bias.double() if expert_bias is not None else scores
+    elif score_function == "softmax":
+        logp = torch.log_softmax(logits.double(), dim=-1)  # [N, E]
+        select = logp.exp()
+        entropy = -(select * logp).sum(-1)
+    else:
+        raise ValueError(f"router score_function={score_function!r}: expected 'softmax' or 'sigmoid'")
+    top = torch.topk(select, min(k + 1, select.shape[-1]), dim=-1).values  # [N, k+1]
     margin = top[:, k - 1] - top[:, k] if top.shape[-1] > k else top[:, k - 1]
     return entropy, margin
 

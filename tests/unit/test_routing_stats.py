@@ -40,6 +40,25 @@ def test_entropy_and_margin_by_hand() -> None:
     assert margin[0].item() == pytest.approx(0.3 - 0.2, abs=1e-6) and margin[1].item() == pytest.approx(0.0, abs=1e-6)
 
 
+
+def test_sigmoid_routers_are_measured_on_their_scores_and_the_bias_decides_the_margin() -> None:
+    # sigmoid scores 0.8, 0.6, 0.5, 0.2: entropy of the scores normalized to sum 1
+    s = torch.tensor([[0.8, 0.6, 0.5, 0.2]], dtype=torch.float64)
+    logits = torch.log(s / (1 - s))
+    entropy, margin = router_entropy_and_margin(logits, k=2, score_function="sigmoid")
+    p = s / s.sum()
+    assert entropy[0].item() == pytest.approx(float(-(p * p.log()).sum()), abs=1e-9)
+    assert margin[0].item() == pytest.approx(0.6 - 0.5, abs=1e-9)
+    # with a bias expert 3 is chosen second (0.2 + 0.5 = 0.7) and expert 1 third: the margin is of s + b
+    bias = torch.tensor([0.0, 0.0, 0.0, 0.5], dtype=torch.float64)
+    entropy_b, margin_b = router_entropy_and_margin(logits, k=2, score_function="sigmoid", expert_bias=bias)
+    assert entropy_b[0].item() == pytest.approx(entropy[0].item())  # the bias does not weight the experts
+    assert margin_b[0].item() == pytest.approx(0.7 - 0.6, abs=1e-9)
+    # the softmax reading of the same logits is another number: the score function matters
+    assert router_entropy_and_margin(logits, k=2)[0][0].item() != pytest.approx(entropy[0].item())
+    with pytest.raises(ValueError, match="score_function='sparsemax'"):
+        router_entropy_and_margin(logits, k=2, score_function="sparsemax")
+
 def test_metrics_by_hand() -> None:
     sums = RoutingSums.zeros(2, 4)
     sums.load[0] = torch.tensor([4.0, 2.0, 2.0, 0.0])  # mean 2: max/mean 2, one dead expert
