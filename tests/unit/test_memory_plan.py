@@ -31,6 +31,8 @@ def test_parameter_counts_of_the_shipped_models() -> None:
     assert moe.total == pytest.approx(30.5e9, rel=0.01) and moe.active == pytest.approx(3.3e9, rel=0.03)
     assert count_parameters(_arch("qwen3-8b")).total == pytest.approx(8.19e9, rel=0.01)
     assert count_parameters(_arch("qwen2.5-math-7b")).total == pytest.approx(7.62e9, rel=0.01)
+    moonlight = count_parameters(_arch("moonlight-16b-a3b"))  # "16B-A3B"; the planner's count equals HF's (test_family_*)
+    assert moonlight.total == pytest.approx(15.96e9, rel=0.01) and moonlight.active == pytest.approx(2.91e9, rel=0.01)
 
 
 def test_sharding_divides_what_it_should() -> None:
@@ -67,7 +69,8 @@ def test_every_recipe_validates_and_fits_its_cluster(recipe: Path, capsys: pytes
     out = capsys.readouterr().out
     assert "fits: peak" in out and "B parameters" in out
     name = recipe.stem  # named by model, loss and precision
-    assert re.fullmatch(r"(qwen3-30b-a3b|qwen3-8b|qwen2\.5-math-7b)-(nsr|dapo|gspo)-(bf16|fp8)(-.+)?", name), name
+    assert re.fullmatch(r"(qwen3-30b-a3b|qwen3-8b|qwen2\.5-math-7b|moonlight-16b-a3b|gpt-oss-20b|glm-4\.5-air)-(nsr|dapo|gspo)-"
+                        r"(bf16|fp8)(-.+)?", name), name
 
 
 def test_a_layout_that_does_not_fit_says_so_and_names_one_that_does(capsys: pytest.CaptureFixture[str]) -> None:
