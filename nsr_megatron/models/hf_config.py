@@ -92,6 +92,16 @@ def validate_layout(
             f"MoE with parallel.tp={tp} needs sequence parallelism (megatron-core requires it for MoE "
             "under tensor parallelism); set parallel.sequence_parallel=true.",
         )
+        # megatron-core 0.16.1 marks expert weights as expert-parallel (gradients reduced over the expert
+        # data-parallel group) only when EP > 1. With EP = 1 and ETP < TP each TP rank runs the whole experts on its
+        # own sequence shard, and the experts' gradients would be reduced over the (smaller) data-parallel group:
+        # each rank would keep its own tokens' share only.
+        _require(
+            ep > 1 or etp == tp,
+            f"parallel.ep=1 with parallel.etp={etp} < parallel.tp={tp}: megatron-core 0.16.1 would not sum the "
+            "experts' gradients over the TP ranks (it treats experts as expert-parallel only when ep > 1), so they "
+            f"would miss the other ranks' tokens. Set parallel.ep to 2 or more, or parallel.etp={tp}.",
+        )
     else:
         _require(ep == 1, f"parallel.ep={ep} needs an MoE model, but this model has no experts; set parallel.ep=1.")
     _require(

@@ -152,7 +152,7 @@ def test_off_reads_as_the_choice_not_a_boolean(tmp_path: Path) -> None:
 def test_unsupported_architecture_is_named() -> None:
     with pytest.raises(
         ConfigError,
-        match=r"model_type='llama' is not supported; supported architectures: deepseek_v3, qwen2, qwen3, qwen3_moe",
+        match=r"model_type='llama' is not supported; supported architectures: deepseek_v3, glm4_moe, gpt_oss, qwen2, qwen3, qwen3_moe",
     ):
         arch_from_hf({"model_type": "llama"})
 
@@ -164,3 +164,13 @@ def test_cli_refuses_invalid_config_before_building(capsys: pytest.CaptureFixtur
     err = capsys.readouterr().err
     assert rc == 2
     assert "parallel.tp=3 does not divide num_attention_heads=8" in err
+
+
+def test_experts_without_expert_parallelism_must_split_like_attention() -> None:
+    # EP=1 with ETP < TP: megatron-core 0.16.1 would reduce the experts' gradients over data parallelism only, so
+    # each TP rank would keep its own sequence shard's share (measured: 0.6-0.75 of transformers' gradients)
+    with pytest.raises(ConfigError, match=r"parallel.ep=1 with parallel.etp=1 < parallel.tp=2: .* Set parallel.ep "
+                                          r"to 2 or more, or parallel.etp=2"):
+        check(MOE, tp=2, etp=1, sequence_parallel=True)
+    check(MOE, tp=2, ep=2, etp=1, sequence_parallel=True)  # expert-parallel: reduced over the TP ranks too
+    check(MOE, tp=2, etp=2, sequence_parallel=True)  # split like attention: nothing to sum
