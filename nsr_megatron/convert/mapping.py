@@ -246,6 +246,13 @@ def check_hf_tensors(
     ]
     if unexpected:
         problems.append(f"unexpected tensor(s) the mapping does not know: {_listing(unexpected)}")
+    quantized = [n for n in found if n.endswith(("_blocks", "_scales"))]
+    if quantized:
+        raise ConvertError(
+            f"{where} holds quantized tensors ({_listing(quantized, 3)}): (MXFP4) blocks and scales, in which some "
+            "published checkpoints ship their experts. Training needs bf16/fp32 weights: dequantize first (load with "
+            "transformers' Mxfp4Config(dequantize=True) and save_pretrained, then drop quantization_config from "
+            "config.json) or start from a bf16 export of the model (e.g. a '-BF16' checkpoint).")
     mismatched = [
         f"{n}: checkpoint shape {list(found[n])} but config.json implies {list(s)}"
         for n, s in expected.items()

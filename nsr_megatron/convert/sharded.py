@@ -41,6 +41,10 @@ def _inner_block(rule: TensorRule, piece: Piece, ckpt: HFCheckpoint, offset: tup
                  shape: tuple[int, ...]) -> torch.Tensor:
     """Rows ``[offset[0], +shape[0])`` (and columns, for 2-D) of one layer's / expert's tensor of ``rule``."""
     rows = slice(offset[0], offset[0] + shape[0])
+    if rule.kind.fused:  # the kind maps whole experts (rows): read them, cut the other axes here
+        whole = rule.kind.read_rows(ckpt.read_block, [rule.hf_names[j] for j in piece.hf_index],
+                                    [rule.hf_shapes[j] for j in piece.hf_index], rows, None)
+        return whole[(slice(None), *(slice(o, o + n) for o, n in zip(offset[1:], shape[1:], strict=True)))]
     cols = slice(offset[1], offset[1] + shape[1]) if len(shape) > 1 else None
     return rule.kind.read_rows(ckpt.read_block, [rule.hf_names[j] for j in piece.hf_index],
                                [rule.hf_shapes[j] for j in piece.hf_index], rows, cols)
@@ -65,6 +69,17 @@ def _write_inner(rule: TensorRule, piece: Piece, views: Mapping[str, torch.Tenso
                  block: torch.Tensor) -> None:
     """Copy ``block`` (rows ``[offset[0], +R)``, and columns for 2-D, of one layer's / expert's canonical tensor)
     into the HF tensors of ``rule`` in ``views``: the inverse of :func:`_inner_block`."""
+    if rule.kind.fused:  # the kind maps whole experts (rows): rewrite them with the block's part changed
+        rows = slice(offset[0], offset[0] + block.shape[0])
+        names = [rule.hf_names[j] for j in piece.hf_index]
+        missing = [n for n in names if n not in views]
+        if missing:
+            raise ConvertError(f"the weights to write into lack {missing[0]} (the engine and the model disagree).")
+        whole = rule.kind.to_megatron([views[n][rows] for n in names])
+        whole[(slice(None), *(slice(o, o + n) for o, n in zip(offset[1:], block.shape[1:], strict=True)))] = block
+        for n, t in zip(names, rule.kind.to_hf(whole), strict=True):
+            views[n][rows].copy_(t)
+        return
     cols = (slice(offset[1], offset[1] + block.shape[1]),) if block.dim() > 1 else ()
 
     def put(name: str, lo: int, hi: int, src: torch.Tensor) -> None:  # rows [lo, hi) of HF tensor ``name``

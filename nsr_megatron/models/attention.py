@@ -32,6 +32,8 @@ class SDPAttention(DotProductAttention):
                       mask_type: AttnMaskType, attention_bias: Tensor | None, packed_seq_params: Any) -> bool:
         if packed_seq_params is not None or attention_bias is not None or self.softmax_offset is not None:
             return False
+        if self.scale_mask_softmax.window_size is not None:  # a sliding-window layer: megatron builds its mask
+            return False
         if self.config.apply_query_key_layer_scaling or (self.training and self.config.attention_dropout > 0):
             return False
         if self.num_attention_heads_per_partition % self.num_query_groups_per_partition:

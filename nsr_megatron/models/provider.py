@@ -390,8 +390,8 @@ def build_model(
         post_process=mpu.is_pipeline_last_stage(),
         parallel_output=True,
         share_embeddings_and_output_weights=arch.tie_word_embeddings,
-        position_embedding_type="rope",
-        rotary_base=int(arch.rope_theta),
+        **{"position_embedding_type": "rope", "rotary_base": int(arch.rope_theta),
+           **family(arch.model_type).gpt_model_fields(arch)},
     )
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
     if device is not None:

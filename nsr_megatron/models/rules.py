@@ -8,9 +8,10 @@ behaviour both ways and for row ranges:
 - :meth:`RuleKind.read_rows` / :meth:`RuleKind.write_rows`: the same for a range of the block's rows (and columns),
   touching only the HF rows it covers: what sharded loading and export use (:mod:`nsr_megatron.convert.sharded`).
 
-The kinds: :class:`Copy` (one HF tensor as it is), :class:`GateUp` (``[gate; up]`` of a SwiGLU MLP) and
-:class:`QKV` (megatron's per-group ``[q_g; k_g; v_g]`` rows); ``experts=True`` gives the canonical tensor a
-leading expert axis, one HF tensor set per expert.
+The kinds: :class:`Copy` (one HF tensor as it is), :class:`GateUp` (``[gate; up]`` of a SwiGLU MLP),
+:class:`QKV` (megatron's per-group ``[q_g; k_g; v_g]`` rows) and :class:`FusedExperts` (every expert of a layer in
+one HF tensor, as transformers keeps them for some families); ``experts=True`` gives the canonical tensor a
+leading expert axis, one HF tensor set per expert (or, with ``fused``, the expert axis of the HF tensors too).
 
 Legend: R rows, C columns of a block; G query groups, D head_dim, P query heads per group, F rows of ``gate``
 (and of ``up``).
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LAYERS", "Copy", "GateUp", "Piece", "QKV", "RuleKind", "Shape", "TensorRule", "copy_rule"]
+__all__ = ["LAYERS", "Copy", "FusedExperts", "GateUp", "Piece", "QKV", "RuleKind", "Shape", "TensorRule", "copy_rule"]
 
 Shape = tuple[int, ...]
 LAYERS = "decoder.layers."  # megatron's key prefix of the transformer layers
@@ -40,7 +41,10 @@ class RuleKind:
     range ``[start, stop)`` of the block and ``cols`` its columns (None: all, or a 1-D tensor).
     """
 
-    experts: bool = False  # the canonical tensor has a leading expert axis: one piece per expert
+    experts: bool = False  # the canonical tensor has a leading expert axis: one piece per expert (unless fused)
+    # the HF tensors hold the expert axis too (all experts in one tensor): the whole tensor is one piece, and the kind
+    # maps whole rows (experts) only; sharded reads cut the other axes in memory, sharded writes rewrite whole rows
+    fused: bool = False
 
     def to_megatron(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """The block from its HF tensors."""
@@ -162,6 +166,43 @@ class QKV(RuleKind):
                     put(name, start, start + b - a, block[a - r0 : b - r0])
 
 
+@dataclass(frozen=True)
+class FusedExperts(RuleKind):
+    """Every expert of one layer in one HF tensor (axis 0 = experts, as in the canonical tensor), HF [E, A, B] or
+    [E, B] -> canonical [E, ...]. ``transpose``: the HF tensor holds ``x @ W`` weights, [E, in, out], where megatron
+    (like ``nn.Linear``) keeps [E, out, in]: the last two axes swap. ``interleaved``: HF's output axis alternates
+    gate and up (``gate_j`` at ``2j``, ``up_j`` at ``2j + 1``, 2F wide) where megatron keeps ``[gate (F); up (F)]``.
+    Rows are experts: :meth:`read_rows` reads whole experts (and cuts ``cols`` in memory), :meth:`write_rows`
+    writes whole experts."""
+
+    transpose: bool = False
+    interleaved: bool = False
+    experts: bool = True
+    fused: bool = True
+
+    def to_megatron(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        t = tensors[0]  # [E, in, out] or [E, out]
+        if self.interleaved:
+            t = torch.cat([t[..., 0::2], t[..., 1::2]], dim=-1)  # [..., gate (F) | up (F)]
+        return (t.transpose(-1, -2) if self.transpose else t).contiguous()  # [E, out, in] or [E, out]
+
+    def to_hf(self, block: torch.Tensor) -> list[torch.Tensor]:
+        t = block.transpose(-1, -2) if self.transpose else block  # [E, in, out] or [E, out]
+        if self.interleaved:
+            gate, up = t.chunk(2, dim=-1)
+            t = torch.stack([gate, up], dim=-1).flatten(-2)  # gate_j, up_j side by side
+        return [t.contiguous()]
+
+    def read_rows(self, read: ReadRows, names: Sequence[str], shapes: Sequence[Shape], rows: slice,
+                  cols: slice | None) -> torch.Tensor:
+        block = self.to_megatron([read(names[0], rows, None)])  # whole experts
+        return block if cols is None else block[:, cols]
+
+    def write_rows(self, put: PutRows, names: Sequence[str], shapes: Sequence[Shape], rows: slice,
+                   block: torch.Tensor) -> None:
+        put(names[0], rows.start, rows.stop, self.to_hf(block)[0])  # whole experts
+
+
 @dataclass(frozen=True, kw_only=True)
 class Piece:
     """One block of a canonical tensor built from (or split into) the HF tensors ``hf_index``.
@@ -193,8 +234,8 @@ class TensorRule:
 
     @property
     def leading_axis(self) -> bool:
-        """Whether axis 0 indexes layers (stacked) or experts: one piece per index."""
-        return self.stacked or self.kind.experts
+        """Whether axis 0 indexes layers (stacked) or experts held one by one in HF: one piece per index."""
+        return self.stacked or (self.kind.experts and not self.kind.fused)
 
     @property
     def inner_shape(self) -> Shape:

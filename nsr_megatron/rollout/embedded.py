@@ -213,7 +213,8 @@ class EmbeddedEngine:
         family = find_family(getattr(model.config, "model_type", ""))
         router = family.hf_router_suffix if family is not None else ""
         self._gates = [m for name, m in self.model.named_modules() if router and name.endswith(router)]  # MoE routers
-        self._fused_names = {n for n, (t, _) in self._targets.items() if t.dim() == 3 and n.endswith(
+        fused = family is not None and family.hf_fused_experts  # else the fused names are the checkpoint's own
+        self._fused_names = {n for n, (t, _) in self._targets.items() if fused and t.dim() == 3 and n.endswith(
             ("experts.gate_up_proj", "experts.down_proj"))}
         # transformers >= 5.24 names the KV-cache argument ``cache`` (``past_key_values`` is deprecated there).
         forward_args = inspect.signature(self.model.forward).parameters

@@ -104,7 +104,7 @@ def test_model_folder_problems(model: Path, data: Path, tmp_path: Path, capsys: 
     llama.mkdir()
     (llama / "config.json").write_text(json.dumps({"model_type": "llama"}), encoding="utf-8")
     msg = refused(capsys, *base(llama, data, run))
-    assert ("model_type='llama' is not supported; supported architectures: deepseek_v3, qwen2, qwen3, qwen3_moe"
+    assert ("model_type='llama' is not supported; supported architectures: deepseek_v3, glm4_moe, gpt_oss, qwen2, qwen3, qwen3_moe"
             in msg)
     # An index that lists a shard which is not there.
     sharded = tmp_path / "sharded"

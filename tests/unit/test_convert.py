@@ -297,7 +297,7 @@ def test_unsupported_model_type_names_supported_ones(models: dict[str, Path], tm
     (hf / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
     with pytest.raises(
         ConfigError,
-        match="model_type='llama' is not supported; supported architectures: deepseek_v3, qwen2, qwen3, qwen3_moe",
+        match="model_type='llama' is not supported; supported architectures: deepseek_v3, glm4_moe, gpt_oss, qwen2, qwen3, qwen3_moe",
     ):
         hf_to_mcore(hf, tmp_path / "ckpt", progress=False)
 

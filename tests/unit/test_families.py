@@ -28,18 +28,22 @@ EXTRA = {"qwen2": dict(tie_word_embeddings=True),
          "deepseek_v3": dict(num_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                              n_group=1, topk_group=1, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=None,
                              kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
-                             num_nextn_predict_layers=0)}
+                             num_nextn_predict_layers=0),
+         "glm4_moe": dict(num_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                          n_group=1, topk_group=1, n_shared_experts=1, first_k_dense_replace=1, use_qk_norm=True,
+                          attention_bias=True, num_nextn_predict_layers=0),
+         "gpt_oss": dict(num_experts=4, num_local_experts=4, num_experts_per_tok=2, sliding_window=3, attention_bias=True)}
 
 
 def test_the_built_in_families_are_registered() -> None:
-    assert list(registry()) == ["deepseek_v3", "qwen2", "qwen3", "qwen3_moe"]
+    assert list(registry()) == ["deepseek_v3", "glm4_moe", "gpt_oss", "qwen2", "qwen3", "qwen3_moe"]
     assert all(registry()[t].model_type == t for t in registry())
 
 
 def test_an_unknown_model_type_is_named_with_the_supported_ones() -> None:
     with pytest.raises(ConfigError, match=r"model_type='llama' is not supported; supported architectures: "
-                                          r"deepseek_v3, qwen2, qwen3, qwen3_moe \(DeepSeek-V3, Qwen2 / Qwen2.5, "
-                                          r"Qwen3, Qwen3-MoE\)"):
+                                          r"deepseek_v3, glm4_moe, gpt_oss, qwen2, qwen3, qwen3_moe \(DeepSeek-V3, "
+                                          r"GLM-4-MoE, gpt-oss, Qwen2 / Qwen2.5, Qwen3, Qwen3-MoE\)"):
         family("llama")
     with pytest.raises(ConfigError, match="model_type='' is not supported"):
         arch_from_hf({"hidden_size": 8})
@@ -98,6 +102,6 @@ def test_a_new_family_is_one_module(extra_family_dir: Path) -> None:
     qwen3 = arch_from_hf(dict(TINY, model_type="qwen3"))
     assert [r.key for r in weight_rules(arch)] == [r.key for r in weight_rules(qwen3)]
     assert count_parameters(arch).total > 0
-    listed = r"supported architectures: deepseek_v3, qwen2, qwen3, qwen3_moe, tiny_test \(.*Tiny-Test\)"
+    listed = r"supported architectures: deepseek_v3, glm4_moe, gpt_oss, qwen2, qwen3, qwen3_moe, tiny_test \(.*Tiny-Test\)"
     with pytest.raises(ConfigError, match=listed):
         family("llama")

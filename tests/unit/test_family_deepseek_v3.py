@@ -146,6 +146,7 @@ def _config(**overrides: Any) -> dict[str, Any]:
     (dict(rope_scaling={"rope_type": "yarn", "factor": 40}), "rope_type='yarn' is not supported yet"),
     (dict(norm_topk_prob=False), "norm_topk_prob=false with num_experts_per_tok=4 is not supported"),
     (dict(topk_group=1), "num_experts_per_tok == 2 \\* topk_group"),
+    (dict(num_experts_per_tok=1, n_group=1, topk_group=1), "norm_topk_prob=true with num_experts_per_tok=1"),
     (dict(attention_bias=True), "attention_bias=true"),
 ])
 def test_unreproducible_configs_are_refused(overrides: dict[str, Any], message: str) -> None:

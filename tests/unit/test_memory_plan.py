@@ -151,3 +151,16 @@ def test_the_one_node_recipe_plans_each_option_off_in_turn(capsys: pytest.Captur
     for option in ("optimizer.cpu_offload=false", "optimizer.precision_aware=false", "model.fused_logprobs=false"):
         main([*args, option])
         assert "peak" in capsys.readouterr().out
+
+
+def test_glm_4_5_air_takes_two_nodes_of_8_x_80_gb_and_not_one(capsys: pytest.CaptureFixture[str]) -> None:
+    """The GLM-4.5-Air recipe names the fewest nodes the planner allows: on one node no layout fits, whatever the
+    memory options; on two its own layout does."""
+    recipe = RECIPES / "glm-4.5-air-nsr-bf16.yaml"
+    config_json = str(RECIPES / "models" / "glm-4.5-air" / "config.json")
+    args = ["plan", "--config", str(recipe), "--gpus-per-node", "8", "--gpu-mem-gb", "80", "--model-config",
+            config_json]
+    assert main([*args, "--nodes", "1", "parallel.ep=8", "rollout.num_engines=1"]) == 1
+    assert "no layout fits 8 GPUs of 80 GiB" in capsys.readouterr().out
+    assert main([*args, "--nodes", "2"]) == 0
+    assert "fits: peak" in capsys.readouterr().out

@@ -51,6 +51,11 @@ class ModelFamily:
 
         return TransformerConfig
 
+    def gpt_model_fields(self, arch: ArchSpec) -> dict[str, Any]:
+        """The megatron ``GPTModel`` arguments the family decides beyond plain RoPE at ``rope_theta`` (e.g.
+        ``rotary_percent`` for partial rotary); none by default."""
+        return {}
+
     # ---------------------------------------------------------------- model
     def layer_spec(self, arch: ArchSpec, layer: int, *, te: bool, model: ModelConfig) -> Any:
         """The megatron layer spec of layer ``layer`` (Transformer Engine layers with ``te``)."""

@@ -121,6 +121,11 @@ class DeepseekV3Family(Qwen3MoeFamily):
             raise ConfigError(
                 f"norm_topk_prob=false with num_experts_per_tok={topk} is not supported: megatron's sigmoid router "
                 "always divides the top-k weights by their sum; use norm_topk_prob=true (DeepSeek-V3's).")
+        if topk == 1 and hf.get("norm_topk_prob", True) is not False:
+            raise ConfigError(
+                "norm_topk_prob=true with num_experts_per_tok=1 is not supported: transformers then weights the one "
+                "expert by s / s = 1, megatron's sigmoid router by s (it renormalises only for top-k > 1); set "
+                "norm_topk_prob=false (both then weight by s) or route to 2 or more experts.")
         groups, group_topk = int(hf.get("n_group") or 1), int(hf.get("topk_group") or 1)
         experts = int(hf.get("n_routed_experts") or hf.get("num_local_experts") or 0)
         if groups > 1 and (experts % groups or topk % group_topk or topk // group_topk != 2):
