@@ -47,7 +47,6 @@ their weights): see :meth:`DeepseekV3Family.check`.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +55,7 @@ import torch.nn.functional as F
 
 from nsr_megatron.config import ConfigError, ModelConfig
 from nsr_megatron.models.arch import ArchSpec
+from nsr_megatron.models.families._sigmoid_moe import check_sigmoid_router, sigmoid_router_fields, warn_dropped_mtp
 from nsr_megatron.models.families.qwen3_moe import Qwen3MoeFamily, expert_rules
 from nsr_megatron.models.rules import LAYERS, GateUp, TensorRule, copy_rule
 
@@ -116,33 +116,8 @@ class DeepseekV3Family(Qwen3MoeFamily):
         if hf.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"hidden_act={hf['hidden_act']!r} is not supported; {self.title} MLPs are SwiGLU "
                               "(hidden_act: silu).")
-        topk = int(hf.get("num_experts_per_tok") or 0)
-        if topk > 1 and hf.get("norm_topk_prob") is False:
-            raise ConfigError(
-                f"norm_topk_prob=false with num_experts_per_tok={topk} is not supported: megatron's sigmoid router "
-                "always divides the top-k weights by their sum; use norm_topk_prob=true (DeepSeek-V3's).")
-        if topk == 1 and hf.get("norm_topk_prob", True) is not False:
-            raise ConfigError(
-                "norm_topk_prob=true with num_experts_per_tok=1 is not supported: transformers then weights the one "
-                "expert by s / s = 1, megatron's sigmoid router by s (it renormalises only for top-k > 1); set "
-                "norm_topk_prob=false (both then weight by s) or route to 2 or more experts.")
-        groups, group_topk = int(hf.get("n_group") or 1), int(hf.get("topk_group") or 1)
-        experts = int(hf.get("n_routed_experts") or hf.get("num_local_experts") or 0)
-        if groups > 1 and (experts % groups or topk % group_topk or topk // group_topk != 2):
-            raise ConfigError(
-                f"n_group={groups}, topk_group={group_topk}, num_experts_per_tok={topk}, n_routed_experts={experts}: "
-                "megatron scores a group by the sum of its top (num_experts_per_tok // topk_group) experts and "
-                "transformers by its top 2, so they agree only when n_group divides n_routed_experts and "
-                "num_experts_per_tok == 2 * topk_group (DeepSeek-V3: 256 experts, 8 groups, top-4 groups, top-8).")
-        mtp = int(hf.get("num_nextn_predict_layers") or hf.get("num_mtp_layers") or 0)
-        if mtp:
-            first = int(hf.get("num_hidden_layers") or 0)
-            warnings.warn(
-                f"num_nextn_predict_layers={mtp}: {self.title}'s multi-token-prediction layers are not trained here; "
-                "the model is built without them, as transformers runs it. Their weights (model.layers."
-                f"{first}.* and up) are not converted and the converter refuses a checkpoint that holds them: remove "
-                "them from the safetensors files and set num_nextn_predict_layers: 0 in config.json (which also "
-                "silences this warning).", stacklevel=2)
+        check_sigmoid_router(hf, title=self.title)
+        warn_dropped_mtp(hf, title=self.title)
 
     def arch(self, hf: Mapping[str, Any]) -> ArchSpec:
         self.check(hf)
@@ -198,16 +173,10 @@ class DeepseekV3Family(Qwen3MoeFamily):
             num_moe_experts=a.num_experts,
             moe_ffn_hidden_size=a.moe_ffn_hidden_size,
             moe_router_topk=a.moe_topk,
-            moe_router_score_function="sigmoid",
-            moe_router_pre_softmax=False,
-            moe_router_enable_expert_bias=True,
-            moe_router_bias_update_rate=0.0,  # RL keeps the pretrained balance bias as it is
-            moe_router_topk_scaling_factor=a.routed_scaling_factor,
-            moe_shared_expert_intermediate_size=a.num_shared_experts * a.moe_ffn_hidden_size or None,
-            moe_shared_expert_overlap=False,
         )
-        if a.moe_groups > 1:
-            fields.update(moe_router_num_groups=a.moe_groups, moe_router_group_topk=a.moe_group_topk)
+        fields.update(sigmoid_router_fields(groups=a.moe_groups, group_topk=a.moe_group_topk,
+                                            scaling=a.routed_scaling_factor,
+                                            shared_width=a.num_shared_experts * a.moe_ffn_hidden_size))
         return fields
 
     # ---------------------------------------------------------------- model

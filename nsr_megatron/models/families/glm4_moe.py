@@ -37,13 +37,13 @@ for ``N = num_hidden_layers``), which the converter refuses.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from nsr_megatron.config import ConfigError
 from nsr_megatron.models.arch import ArchSpec
+from nsr_megatron.models.families._sigmoid_moe import check_sigmoid_router, sigmoid_router_fields, warn_dropped_mtp
 from nsr_megatron.models.families.deepseek_v3 import _swiglu
 from nsr_megatron.models.families.qwen3_moe import Qwen3MoeFamily
 from nsr_megatron.models.rules import LAYERS, TensorRule, copy_rule
@@ -119,37 +119,8 @@ class Glm4MoeFamily(Qwen3MoeFamily):
                 f"n_shared_experts={hf.get('n_shared_experts')!r}: transformers' {self.hf_class} always builds the "
                 "shared-expert MLP (of width n_shared_experts * moe_intermediate_size, so an empty one here), "
                 "which megatron has no place for; use a checkpoint with n_shared_experts >= 1 (GLM-4.5: 1).")
-        topk = int(hf.get("num_experts_per_tok") or 0)
-        norm = bool(hf.get("norm_topk_prob", True))
-        if topk > 1 and not norm:
-            raise ConfigError(
-                f"norm_topk_prob=false with num_experts_per_tok={topk} is not supported: megatron's sigmoid router "
-                "always divides the top-k weights by their sum; use norm_topk_prob=true (GLM-4.5's).")
-        if topk == 1 and norm:
-            raise ConfigError(
-                "norm_topk_prob=true with num_experts_per_tok=1 is not supported: transformers then weights the one "
-                "expert by s / s = 1, megatron's sigmoid router by s (it renormalises only for top-k > 1); set "
-                "norm_topk_prob=false (the same model in megatron's terms would then weight by s) or route top-2+.")
-        groups, group_topk = int(hf.get("n_group") or 1), int(hf.get("topk_group") or 1)
-        experts = int(hf.get("n_routed_experts") or hf.get("num_local_experts") or 0)
-        if groups > 1 and (experts % groups or group_topk > groups
-                           or (group_topk < groups and (topk % group_topk or topk // group_topk != 2))):
-            raise ConfigError(
-                f"n_group={groups}, topk_group={group_topk}, num_experts_per_tok={topk}, n_routed_experts={experts}: "
-                "megatron scores a group by the sum of its top (num_experts_per_tok // topk_group) experts and "
-                "transformers by its top 2, so they agree only when n_group divides n_routed_experts and "
-                "num_experts_per_tok == 2 * topk_group (or topk_group == n_group, no group limit; GLM-4.5 has "
-                "n_group 1).")
-        # transformers' default is 1, but a config.json without the key has no MTP weights to speak of
-        mtp = int(hf.get("num_nextn_predict_layers") or hf.get("num_mtp_layers") or 0)
-        if mtp:
-            first = int(hf.get("num_hidden_layers") or 0)
-            warnings.warn(
-                f"num_nextn_predict_layers={mtp}: {self.title}'s multi-token-prediction layers are not trained here; "
-                "the model is built without them, as transformers runs it. Their weights (model.layers."
-                f"{first}.* and up) are not converted and the converter refuses a checkpoint that holds them: remove "
-                "them from the safetensors files and set num_nextn_predict_layers: 0 in config.json (which also "
-                "silences this warning).", stacklevel=2)
+        check_sigmoid_router(hf, title=self.title)
+        warn_dropped_mtp(hf, title=self.title)
 
     def arch(self, hf: Mapping[str, Any]) -> ArchSpec:
         self.check(hf)
@@ -172,18 +143,10 @@ class Glm4MoeFamily(Qwen3MoeFamily):
     def transformer_fields(self, arch: ArchSpec) -> dict[str, Any]:
         a = _glm(arch)
         fields = super().transformer_fields(a)  # Qwen's attention (biases, q/k norms from the arch), SwiGLU
-        fields.update(
-            rotary_interleaved=False,  # transformers' rotate_half: x_i pairs with x_{i + Dr/2}
-            moe_router_score_function="sigmoid",
-            moe_router_pre_softmax=False,
-            moe_router_enable_expert_bias=True,
-            moe_router_bias_update_rate=0.0,  # RL keeps the pretrained balance bias as it is
-            moe_router_topk_scaling_factor=a.routed_scaling_factor,
-            moe_shared_expert_intermediate_size=a.num_shared_experts * a.moe_ffn_hidden_size,
-            moe_shared_expert_overlap=False,
-        )
-        if a.moe_group_topk < a.moe_groups:  # with every group chosen, grouping limits nothing
-            fields.update(moe_router_num_groups=a.moe_groups, moe_router_group_topk=a.moe_group_topk)
+        fields.update(rotary_interleaved=False)  # transformers' rotate_half: x_i pairs with x_{i + Dr/2}
+        fields.update(sigmoid_router_fields(groups=a.moe_groups, group_topk=a.moe_group_topk,
+                                            scaling=a.routed_scaling_factor,
+                                            shared_width=a.num_shared_experts * a.moe_ffn_hidden_size))
         return fields
 
     def gpt_model_fields(self, arch: ArchSpec) -> dict[str, Any]:
