@@ -15,11 +15,28 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from nsr_megatron.config import ConfigError
+from nsr_megatron.models.arch import ArchSpec
 
-__all__ = ["check_sigmoid_router", "sigmoid_router_fields", "warn_dropped_mtp"]
+__all__ = ["SigmoidRouterArch", "check_sigmoid_router", "moe_layer", "sigmoid_router_fields", "warn_dropped_mtp"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SigmoidRouterArch(ArchSpec):
+    """:class:`ArchSpec` plus the router and shared-expert sizes of this MoE."""
+
+    num_shared_experts: int = 0  # S
+    moe_groups: int = 1  # n_group
+    moe_group_topk: int = 1  # topk_group
+    routed_scaling_factor: float = 1.0
+
+
+def moe_layer(arch: ArchSpec, layer: int) -> bool:
+    """Whether layer ``layer`` (0-based) has experts (the first ``first_k_dense_replace`` are dense)."""
+    return arch.is_moe and arch.moe_layers[layer]
 
 
 def check_sigmoid_router(hf: Mapping[str, Any], *, title: str) -> None:

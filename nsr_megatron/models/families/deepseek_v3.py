@@ -55,7 +55,13 @@ import torch.nn.functional as F
 
 from nsr_megatron.config import ConfigError, ModelConfig
 from nsr_megatron.models.arch import ArchSpec
-from nsr_megatron.models.families._sigmoid_moe import check_sigmoid_router, sigmoid_router_fields, warn_dropped_mtp
+from nsr_megatron.models.families._sigmoid_moe import (
+    SigmoidRouterArch,
+    check_sigmoid_router,
+    moe_layer,
+    sigmoid_router_fields,
+    warn_dropped_mtp,
+)
 from nsr_megatron.models.families.qwen3_moe import Qwen3MoeFamily, expert_rules
 from nsr_megatron.models.rules import LAYERS, GateUp, TensorRule, copy_rule
 
@@ -63,7 +69,7 @@ __all__ = ["FAMILY", "DeepseekV3Arch", "DeepseekV3Family"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class DeepseekV3Arch(ArchSpec):
+class DeepseekV3Arch(SigmoidRouterArch):
     """:class:`ArchSpec` plus MLA and DeepSeekMoE sizes (``head_dim`` = Dn + Dr; ``num_kv_heads`` = heads)."""
 
     q_lora_rank: int = 0  # Q; 0: queries come from one projection of x (``q_lora_rank: null``)
@@ -71,14 +77,6 @@ class DeepseekV3Arch(ArchSpec):
     qk_nope_head_dim: int = 0  # Dn
     qk_rope_head_dim: int = 0  # Dr
     v_head_dim: int = 0  # Dv
-    num_shared_experts: int = 0  # S
-    moe_groups: int = 1  # n_group
-    moe_group_topk: int = 1  # topk_group
-    routed_scaling_factor: float = 1.0
-
-
-def _moe(arch: ArchSpec, layer: int) -> bool:
-    return arch.is_moe and arch.moe_layers[layer]
 
 
 def _mla(arch: ArchSpec) -> DeepseekV3Arch:
@@ -181,7 +179,7 @@ class DeepseekV3Family(Qwen3MoeFamily):
 
     # ---------------------------------------------------------------- model
     def layer_spec(self, arch: ArchSpec, layer: int, *, te: bool, model: ModelConfig) -> Any:
-        experts = arch.num_experts if _moe(arch, layer) else None
+        experts = arch.num_experts if moe_layer(arch, layer) else None
         if te:
             from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
@@ -251,7 +249,7 @@ class DeepseekV3Family(Qwen3MoeFamily):
         Fs = a.num_shared_experts * Fm
         L, M = f"model.layers.{i}.", f"{LAYERS}{i}."
         rules = [copy_rule(f"{M}pre_mlp_layernorm.weight", f"{L}post_attention_layernorm.weight", (H,), layer=i)]
-        if not _moe(a, i):
+        if not moe_layer(a, i):
             return rules + _swiglu(f"{M}mlp.", f"{L}mlp.", H, Fd, i)
         rules += [
             copy_rule(f"{M}mlp.router.weight", f"{L}mlp.gate.weight", (E, H), layer=i),
@@ -302,7 +300,7 @@ class DeepseekV3Family(Qwen3MoeFamily):
                                          etp=etp, te=te)
         a = _mla(arch)
         f = a.num_shared_experts * a.moe_ffn_hidden_size
-        if not _moe(a, layer) or not f:
+        if not moe_layer(a, layer) or not f:
             return routed
         glu = 0 if te else f * act_bytes
         return routed + (2 * f * act_bytes + f * gemm_bytes + glu) / tp

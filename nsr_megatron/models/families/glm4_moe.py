@@ -43,7 +43,13 @@ from typing import Any
 
 from nsr_megatron.config import ConfigError
 from nsr_megatron.models.arch import ArchSpec
-from nsr_megatron.models.families._sigmoid_moe import check_sigmoid_router, sigmoid_router_fields, warn_dropped_mtp
+from nsr_megatron.models.families._sigmoid_moe import (
+    SigmoidRouterArch,
+    check_sigmoid_router,
+    moe_layer,
+    sigmoid_router_fields,
+    warn_dropped_mtp,
+)
 from nsr_megatron.models.families.deepseek_v3 import _swiglu
 from nsr_megatron.models.families.qwen3_moe import Qwen3MoeFamily
 from nsr_megatron.models.rules import LAYERS, TensorRule, copy_rule
@@ -54,20 +60,12 @@ HF_PARTIAL_ROTARY = 0.5  # transformers' Glm4MoeConfig default when config.json 
 
 
 @dataclass(frozen=True, kw_only=True)
-class Glm4MoeArch(ArchSpec):
+class Glm4MoeArch(SigmoidRouterArch):
     """:class:`ArchSpec` plus the rotated share of each head and the DeepSeekMoE router sizes."""
 
     # partial_rotary_factor: RoPE rotates the first int(D * rotary_percent) dimensions of each head (megatron and
     # transformers round the same way)
     rotary_percent: float = 1.0
-    num_shared_experts: int = 0  # S
-    moe_groups: int = 1  # n_group
-    moe_group_topk: int = 1  # topk_group
-    routed_scaling_factor: float = 1.0
-
-
-def _moe(arch: ArchSpec, layer: int) -> bool:
-    return arch.is_moe and arch.moe_layers[layer]
 
 
 def _glm(arch: ArchSpec) -> Glm4MoeArch:
@@ -154,7 +152,7 @@ class Glm4MoeFamily(Qwen3MoeFamily):
 
     # ---------------------------------------------------------------- conversion
     def mlp_rules(self, arch: ArchSpec, i: int) -> list[TensorRule]:
-        if not _moe(arch, i):
+        if not moe_layer(arch, i):
             return super().mlp_rules(arch, i)
         a = _glm(arch)
         H, E, Fs = a.hidden_size, a.num_experts, a.num_shared_experts * a.moe_ffn_hidden_size
@@ -179,7 +177,7 @@ class Glm4MoeFamily(Qwen3MoeFamily):
                                          etp=etp, te=te)
         a = _glm(arch)
         f = a.num_shared_experts * a.moe_ffn_hidden_size
-        if not _moe(a, layer) or not f:
+        if not moe_layer(a, layer) or not f:
             return routed
         glu = 0 if te else f * act_bytes
         return routed + (2 * f * act_bytes + f * gemm_bytes + glu) / tp
