@@ -238,7 +238,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     import json
 
     from nsr_megatron.config import loss_draws
-    from nsr_megatron.losses import PRESETS
+    from nsr_megatron.losses import PRESETS, PolicyLossConfig
     from nsr_megatron.losses.rng import derive_seed
     from nsr_megatron.telemetry.compare import aggregate, plot_comparison, read_eval_problems, read_runs, report
     from nsr_megatron.telemetry.status import read_status
@@ -259,6 +259,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out = Path(args.out)
     config_path = args.config or task_config(args.task)
     load_config(config_path, args.overrides)  # a bad override fails here, not later
+    for loss in losses:
+        loss_config: PolicyLossConfig = load_config(config_path, [*args.overrides, f"loss.name={loss}"]).loss
+        departures: dict[str, tuple[Any, Any]] = loss_config.departures()
+        if departures:
+            print(f"compare: {loss} runs with " + ", ".join(f"loss.{k}={mine!r} (its preset: {theirs!r})"
+                                                        for k, (mine, theirs) in departures.items())
+                  + ", set by the config or the overrides", flush=True)
     base = ["train", "--config", args.config] if args.config else ["quickstart", "--task", args.task]
     groups = [(loss, loss, False) for loss in losses]  # (label, loss, the A/A repeat?)
     aa_rescue = False

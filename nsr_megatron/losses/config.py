@@ -183,6 +183,14 @@ class PolicyLossConfig:
                     stacklevel=3,
                 )
 
+    def departures(self) -> dict[str, tuple[Any, Any]]:
+        """The fields that differ from the preset ``name``, as ``{field: (value, preset's value)}``; ``seed`` is left
+        out (runs derive it from ``run.seed``). ``compare`` prints them: a field set in the config file applies to
+        every loss compared, e.g. a task's narrower eps to CISPO's cap and Clip-Cov's bounds."""
+        preset = PRESETS[self.name]
+        return {f.name: (getattr(self, f.name), preset[f.name]) for f in fields(self)
+                if f.name not in ("name", "seed") and getattr(self, f.name) != preset[f.name]}
+
     def _validate(self) -> None:
         hints = typing.get_type_hints(PolicyLossConfig)
         for f in fields(self):

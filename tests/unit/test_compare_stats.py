@@ -213,6 +213,27 @@ def test_cli_aggregates_finished_runs_only_with_no_train(tmp_path: Path, capsys:
     assert main(["compare", "--losses", "dapo,nsr", "--baseline", "gspo", "--out", str(out), "--no-train"]) == 2
 
 
+def test_compare_names_what_the_config_changes_in_each_compared_preset(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from nsr_megatron.cli import main
+    from nsr_megatron.losses import PolicyLossConfig
+
+    assert PolicyLossConfig(name="cispo", eps_high=0.07).departures() == {"eps_high": (0.07, 0.28)}
+    assert PolicyLossConfig(name="nsr", seed=5).departures() == {}  # runs derive the seed: not a departure
+    # The arithmetic task narrows eps for every loss it trains: compare says what that does to each preset.
+    code = main(["compare", "--task", "arithmetic", "--losses", "dapo,clip-cov", "--seeds", "1",
+                 "--out", str(tmp_path / "cmp"), "--no-train"])
+    assert code == 2  # nothing trained
+    printed = capsys.readouterr().out
+    assert "compare: dapo runs with loss.eps_low=0.05 (its preset: 0.2), loss.eps_high=0.07 (its preset: 0.28)" \
+        in printed
+    assert "compare: clip-cov runs with loss.eps_low=0.05 (its preset: 1.0), loss.eps_high=0.07 (its preset: 1.0)" \
+        in printed
+    main(["compare", "--task", "arithmetic", "--losses", "clip-cov", "--seeds", "1", "--out", str(tmp_path / "cmp"),
+          "--no-train", "loss.eps_low=1.0", "loss.eps_high=1.0"])
+    assert "clip-cov runs with" not in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------------------------- seeds
 def test_the_run_seed_varies_prompt_order_and_rescue_draws() -> None:
     configs: dict[int, Config] = {s: load_config(None, ["loss.name=nsr", f"run.seed={s}"]) for s in (1, 2)}
