@@ -13,11 +13,13 @@ import pytest
 
 from tests.e2e.test_rl_loop import ROOT, _command, _ok, read_metrics, run_cli
 
-# The learning test's bounds. Measured over seeds 1-8 at one thread (docs/EVIDENCE.md's dapo runs, commit 0ce9402)
-# and seeds 1-4 at two threads: the rise of held-out pass@1 was +0.02 to +0.10, the mean clipped share 0.020-0.036
-# and its largest step 0.048-0.072.
+# The learning test's bounds, for the task as shipped (NSR, eps 0.05 / 0.07). Measured at commit fa06431 with those
+# eps: at one thread over seeds 1-6 (docs/EVIDENCE.md's nsr runs) the rise of held-out pass@1 was +0.013 to +0.098,
+# the mean clipped share 0.060-0.086 and its largest step 0.091-0.143; at two threads over seeds 1-4 the rise was
+# +0.076, +0.013, +0.055 and +0.073, the mean clipped share 0.066-0.086. The test runs seed 1 at one thread and
+# seed 4 at two: seed 2's rise (+0.013 at both thread counts) is too near 0 for a test.
 RISE = 0.0
-CLIPPED_MEAN, CLIPPED_MAX = 0.015, 0.04
+CLIPPED_MEAN, CLIPPED_MAX = 0.05, 0.08
 
 
 def test_the_warm_start_is_made_once_and_rl_starts_from_it(tmp_path: Path) -> None:
@@ -68,7 +70,7 @@ def test_the_warm_start_is_made_once_and_rl_starts_from_it(tmp_path: Path) -> No
 # The arithmetic task as shipped (configs/arithmetic.yaml, NSR): from the SFT warm start, RL raises held-out pass@1
 # (the mean of the evals in the last tenth of the run against the starting weights' eval) while clipping matters.
 # docs/EVIDENCE.md has the same runs over 20 seeds and the losses compared.
-@pytest.mark.parametrize(("seed", "threads"), [(1, 1), (2, 2)], ids=["seed1-1thread", "seed2-2threads"])
+@pytest.mark.parametrize(("seed", "threads"), [(1, 1), (4, 2)], ids=["seed1-1thread", "seed4-2threads"])
 def test_rl_raises_held_out_pass_at_1_while_clipping_matters(tmp_path: Path, seed: int, threads: int) -> None:
     run_dir = tmp_path / "run"
     proc = run_cli("quickstart", "--task", "arithmetic", "--no-progress", f"run.run_dir={run_dir}",
