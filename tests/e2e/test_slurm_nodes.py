@@ -123,7 +123,7 @@ def test_a_killed_node_fails_the_job_and_the_resubmitted_job_resumes(straight: P
 
 def test_engines_on_the_second_node_attached_by_url(nodes: None, tmp_path: Path) -> None:
     run_dir, out = tmp_path / "run", tmp_path / "job.out"
-    steps = 12
+    steps = 4  # each step syncs the weights to the engine on the second node
     proc = _submit(run_dir, out, wait=True, overrides=f"run.steps={steps}", NSR_ROLLOUT="dedicated",
                    NSR_ENGINE_BACKEND="server")
     log = out.read_text() if out.exists() else ""
